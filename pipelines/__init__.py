@@ -1,0 +1,1 @@
+"""opensearch-tasks: Alibaba Cloud OpenSearch training-task history, loaded with dlt."""

@@ -1,0 +1,287 @@
+"""The ``opensearch-tasks`` command: run, models, report, emulator, demo.
+
+Exit codes: 0 success; 1 the run failed (an instance, a lock, the API); 2 usage or configuration
+errors. Errors are one line; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+
+from pipelines.opensearch_tasks.client import OpenSearchError
+from pipelines.opensearch_tasks.settings import (
+    DEFAULT_PAGE_SIZE,
+    DEFAULT_REGION,
+    DEFAULT_STALE_AFTER_HOURS,
+)
+from pipelines.opensearch_tasks.targets import TargetError
+from pipelines.runner import DEFAULT_DUCKDB_PATH, RunConfig, RunError, RunResult, UsageError
+
+logger = logging.getLogger("pipelines")
+
+_RELATIVE = re.compile(r"^(\d+)\s*([dhm])$")
+
+
+def parse_time(text: str, option: str) -> int:
+    """``2026-11-01``, ``2026-11-01T12:00:00Z``, epoch ms, or relative ``7d`` / ``24h`` / ``30m`` -> epoch ms (UTC)."""
+    value = text.strip()
+    if value.isdigit():
+        number = int(value)
+        return number * 1000 if number < 100_000_000_000 else number
+    match = _RELATIVE.match(value)
+    if match:
+        amount, unit = int(match.group(1)), match.group(2)
+        delta = {
+            "d": timedelta(days=amount),
+            "h": timedelta(hours=amount),
+            "m": timedelta(minutes=amount),
+        }
+        return int((datetime.now(UTC) - delta[unit]).timestamp() * 1000)
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(
+            f"{option}: cannot parse {text!r}; use 2026-11-01, 2026-11-01T12:00:00Z, epoch ms, or 7d/24h"
+        ) from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return int(parsed.timestamp() * 1000)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="opensearch-tasks",
+        description="Alibaba Cloud OpenSearch training-task history into DuckDB or Parquet.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="load task history incrementally (then build the models)")
+    run.add_argument(
+        "--target",
+        action="append",
+        dest="targets",
+        metavar="APP[/FUNCTION[/INSTANCE]]",
+        help="what to load (repeatable); default: sources.opensearch_tasks.targets in .dlt/config.toml",
+    )
+    where = run.add_mutually_exclusive_group()
+    where.add_argument("--endpoint", help="explicit endpoint URL, e.g. http://127.0.0.1:8080")
+    where.add_argument("--region", default=None, help=f"region (default {DEFAULT_REGION})")
+    _add_destination_args(run)
+    run.add_argument("--since", help="backfill window start (does not move the cursor)")
+    run.add_argument("--until", help="backfill window end (exclusive)")
+    run.add_argument("--full-refresh", action="store_true", help="drop the table and state, load all")
+    run.add_argument("--page-size", type=_positive_int, default=DEFAULT_PAGE_SIZE)
+    run.add_argument("--workers", type=_positive_int, default=8, help="instances read concurrently")
+    run.add_argument(
+        "--stale-after-hours",
+        type=float,
+        default=DEFAULT_STALE_AFTER_HOURS,
+        help="open tasks older than this stop being re-fetched (default 168)",
+    )
+    run.add_argument(
+        "--lookback-hours", type=float, default=0, help="re-read this much before the cursor"
+    )
+    run.add_argument("--max-attempts", type=_positive_int, default=6, help="attempts per request")
+    run.add_argument("--no-models", action="store_true", help="do not build the SQL models")
+    run.add_argument("--pipeline-name", default=None, help="dlt pipeline name (one per target set)")
+    run.add_argument(
+        "--pipelines-dir", default=None, help="dlt working folder (default ~/.dlt/pipelines)"
+    )
+
+    models = sub.add_parser("models", help="build the SQL models as views in schema analytics")
+    _add_destination_args(models)
+    models.add_argument("--stale-after-hours", type=float, default=DEFAULT_STALE_AFTER_HOURS)
+
+    report = sub.add_parser("report", help="print a per-instance summary from the models")
+    report.add_argument("--duckdb-path", default=DEFAULT_DUCKDB_PATH)
+
+    emulator = sub.add_parser("emulator", help="run the local OpenSearch API emulator")
+    from pipelines.emulator.cli import add_arguments as add_emulator_arguments
+
+    add_emulator_arguments(emulator)
+
+    demo = sub.add_parser("demo", help="emulator -> load -> advance clock -> load -> models -> report")
+    demo.add_argument("--duckdb-path", default=DEFAULT_DUCKDB_PATH)
+    return parser
+
+
+def _add_destination_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--destination", choices=("duckdb", "parquet"), default="duckdb")
+    parser.add_argument(
+        "--duckdb-path",
+        default=None,
+        help=f"DuckDB file (default {DEFAULT_DUCKDB_PATH}); with parquet: where the model views go",
+    )
+    parser.add_argument("--parquet-dir", help="folder or s3://BUCKET/PREFIX for --destination parquet")
+
+
+def configure_logging(debug: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if debug else logging.WARNING)
+    logger.setLevel(logging.DEBUG if debug else logging.INFO)
+    if not debug:
+        os.environ.setdefault("RUNTIME__LOG_LEVEL", "WARNING")
+        # The credentials chain logs each provider it tries, with tracebacks: not for users' eyes.
+        logging.getLogger("alibabacloud_credentials").setLevel(logging.CRITICAL)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = RunConfig(
+        targets=args.targets,
+        endpoint=args.endpoint,
+        region=args.region or DEFAULT_REGION,
+        destination=args.destination,
+        duckdb_path=args.duckdb_path or DEFAULT_DUCKDB_PATH,
+        parquet_dir=args.parquet_dir,
+        models_path=args.duckdb_path if args.destination == "parquet" else None,
+        since_ms=parse_time(args.since, "--since") if args.since else None,
+        until_ms=parse_time(args.until, "--until") if args.until else None,
+        full_refresh=args.full_refresh,
+        page_size=args.page_size,
+        workers=args.workers,
+        stale_after_hours=args.stale_after_hours,
+        lookback_hours=args.lookback_hours,
+        max_attempts=args.max_attempts,
+        build_models=not args.no_models,
+        pipelines_dir=args.pipelines_dir,
+    )
+    if args.pipeline_name:
+        config.pipeline_name = args.pipeline_name
+    from pipelines.runner import run
+
+    result = run(config)
+    print(format_summary(result))
+    if not result.report.ok:
+        for failure in result.report.failures:
+            print(f"error: {failure}", file=sys.stderr)
+        print(
+            f"error: {len(result.report.failures)} target(s) failed; their cursors are unchanged "
+            "and the next run retries them",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def format_summary(result: RunResult) -> str:
+    """Per instance: tasks new / updated / still running, requests, retries, seconds."""
+    rows = sorted(result.report.instances, key=lambda r: str(r.target))
+    header = f"{'instance':<48} {'new':>7} {'updated':>7} {'running':>7} {'requests':>8} {'retries':>7} {'seconds':>7}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        status = f"  FAILED: {r.error}" if r.error else ""
+        lines.append(
+            f"{str(r.target)[:48]:<48} {r.new:>7} {r.updated:>7} {r.running:>7} "
+            f"{r.requests:>8} {r.retries:>7} {r.seconds:>7.2f}{status}"
+        )
+    total_new = sum(r.new for r in rows)
+    total_updated = sum(r.updated for r in rows)
+    lines.append("-" * len(header))
+    lines.append(
+        f"{len(rows)} instance(s), {total_new} new, {total_updated} updated, "
+        f"{result.report.requests} requests, {result.report.retries} retries, {result.seconds:.1f}s"
+        + (f", models: {len(result.models)} built" if result.models else "")
+    )
+    return "\n".join(lines)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from pipelines.models import build_models_in_file
+
+    if args.destination == "parquet" and not args.parquet_dir:
+        raise UsageError("--destination parquet needs --parquet-dir DIR")
+    duckdb_path = args.duckdb_path or DEFAULT_DUCKDB_PATH
+    built = build_models_in_file(
+        duckdb_path,
+        destination=args.destination,
+        parquet_dir=args.parquet_dir,
+        stale_after_hours=int(args.stale_after_hours),
+    )
+    print(f"built {len(built)} models in {duckdb_path}: {', '.join(built)}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pipelines.report import print_report
+
+    print_report(args.duckdb_path)
+    return 0
+
+
+def cmd_emulator(args: argparse.Namespace) -> int:
+    from pipelines.emulator.cli import run as run_emulator
+
+    return run_emulator(args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pipelines.demo import run_demo
+
+    return run_demo(args.duckdb_path)
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "models": cmd_models,
+    "report": cmd_report,
+    "emulator": cmd_emulator,
+    "demo": cmd_demo,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.debug)
+    try:
+        return COMMANDS[args.command](args)
+    except (UsageError, TargetError) as error:
+        return _fail(args, f"error: {error}", 2)
+    except OpenSearchError as error:
+        return _fail(args, f"error: {error}", 2 if error.code is None and not error.retryable else 1)
+    except RunError as error:
+        return _fail(args, f"error: {error}", 1)
+    except KeyboardInterrupt:
+        return _fail(args, "interrupted", 130)
+    except Exception as error:
+        return _fail(args, f"error: {describe(error)} (rerun with --debug for the traceback)", 1)
+
+
+def describe(error: BaseException) -> str:
+    """The innermost useful message of an exception chain (dlt wraps step errors)."""
+    seen = error
+    while seen.__cause__ is not None or seen.__context__ is not None:
+        inner = seen.__cause__ or seen.__context__
+        if inner is None:
+            break
+        seen = inner
+    text = str(seen).strip().splitlines()
+    return f"{type(seen).__name__}: {text[0] if text else ''}"
+
+
+def _fail(args: argparse.Namespace, message: str, code: int) -> int:
+    if args.debug:
+        logger.exception(message)
+    print(message, file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""dlt source for Alibaba Cloud OpenSearch function training tasks (ListFunctionTasks).
+
+Only the ``@dlt.source`` / ``@dlt.resource`` functions live here; the signing client, the record
+flattening, the cursor and the paging are in ``client.py``, ``records.py``, ``cursor.py`` and
+``helpers.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import dlt
+import pyarrow as pa
+from dlt.common.typing import TSecretStrValue
+from dlt.sources import DltResource
+
+from pipelines.opensearch_tasks.client import (
+    Credentials,
+    OpenSearchClient,
+    OpenSearchError,
+    RetryPolicy,
+)
+from pipelines.opensearch_tasks.cursor import InstanceCursor
+from pipelines.opensearch_tasks.helpers import (
+    InstanceReport,
+    ReadOptions,
+    discover_instances,
+    read_instance,
+)
+from pipelines.opensearch_tasks.records import ColumnKinds, RecordError, Target
+from pipelines.opensearch_tasks.settings import (
+    DEFAULT_PAGE_SIZE,
+    DEFAULT_REGION,
+    DEFAULT_STALE_AFTER_HOURS,
+    PRIMARY_KEY,
+    TABLE_NAME,
+)
+from pipelines.opensearch_tasks.targets import TargetSpec, parse_targets
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["RunReport", "function_tasks", "opensearch_tasks"]
+
+
+@dataclass
+class RunReport:
+    """Filled while the resource runs; the CLI prints it and decides the exit code from it."""
+
+    instances: list[InstanceReport] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    requests: int = 0
+    retries: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+@dlt.source(name="opensearch_tasks", max_table_nesting=0)
+def opensearch_tasks(
+    targets: Sequence[str] = dlt.config.value,
+    endpoint: str | None = None,
+    region: str = DEFAULT_REGION,
+    access_key_id: TSecretStrValue | None = dlt.secrets.value,
+    access_key_secret: TSecretStrValue | None = dlt.secrets.value,
+    security_token: TSecretStrValue | None = dlt.secrets.value,
+    page_size: int = DEFAULT_PAGE_SIZE,
+    workers: int = 8,
+    stale_after_hours: float = DEFAULT_STALE_AFTER_HOURS,
+    lookback_hours: float = 0,
+    since_ms: int | None = None,
+    until_ms: int | None = None,
+    write_disposition: str = "merge",
+    max_attempts: int = 6,
+    report: RunReport | None = None,
+) -> DltResource:
+    """OpenSearch training tasks of the given targets, incrementally.
+
+    Args:
+        targets: ``APP_GROUP[/FUNCTION[/INSTANCE]]`` strings; missing parts are discovered.
+        endpoint: explicit endpoint URL (``http://127.0.0.1:PORT`` for the emulator); else ``region``.
+        region: Alibaba Cloud region of the OpenSearch endpoint (``opensearch.<region>.aliyuncs.com``).
+        access_key_id / access_key_secret / security_token: explicit credentials; when absent,
+            Alibaba Cloud's default chain is used (``ALIBABA_CLOUD_ACCESS_KEY_ID`` ..., profile, RAM role).
+        page_size: ``pageSize`` sent to ListFunctionTasks (the API's own default is 1).
+        workers: instances read concurrently (requests in flight at most).
+        stale_after_hours: an open task older than this stops holding the cursor back.
+        lookback_hours: re-read this much history before the cursor on every run.
+        since_ms / until_ms: a backfill window (epoch ms); it does not move the stored cursor.
+        write_disposition: ``merge`` (DuckDB) or ``append`` (Parquet; staging keeps the newest).
+        max_attempts: attempts per request before an instance fails.
+        report: filled with per-instance counts and failures (used by the CLI).
+
+    Returns:
+        The ``function_tasks`` resource.
+    """
+    specs = parse_targets(targets)  # a bad target fails before any network or credentials
+    client = OpenSearchClient(
+        Credentials(access_key_id, access_key_secret, security_token),
+        endpoint=endpoint,
+        region=region,
+        retry=RetryPolicy(max_attempts=max_attempts),
+    )
+    options = ReadOptions(
+        page_size=page_size,
+        stale_after_ms=int(stale_after_hours * 3_600_000),
+        lookback_ms=int(lookback_hours * 3_600_000),
+        since_ms=since_ms,
+        until_ms=until_ms,
+    )
+    resource = function_tasks(
+        client, specs, options, workers=workers, report=report or RunReport()
+    )
+    resource.apply_hints(write_disposition=write_disposition)  # type: ignore[arg-type]
+    return resource
+
+
+@dlt.resource(name=TABLE_NAME, primary_key=PRIMARY_KEY, write_disposition="merge")
+def function_tasks(
+    client: OpenSearchClient,
+    specs: Sequence[TargetSpec],
+    options: ReadOptions,
+    workers: int = 8,
+    report: RunReport | None = None,
+) -> Iterator[pa.Table]:
+    """Yields Arrow tables of task rows; keeps one cursor per instance in resource state.
+
+    Instances are read concurrently; one failing instance is reported and keeps its old cursor,
+    while the others' rows and cursors are kept.
+    """
+    report = report if report is not None else RunReport()
+    state = dlt.current.resource_state()
+    cursors: dict[str, Any] = state.setdefault("instances", {})
+    kinds = ColumnKinds.from_dlt_columns(_known_columns())
+    targets = _resolve_targets(client, specs, report)
+    pages: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=max(2, workers * 2))
+    stop = threading.Event()
+
+    def work(target: Target) -> None:
+        def emit(table: pa.Table) -> None:
+            while not stop.is_set():
+                try:
+                    pages.put(("rows", table), timeout=0.5)
+                    return
+                except queue.Full:
+                    continue
+
+        try:
+            cursor = InstanceCursor.from_state(cursors.get(target.key))
+            result = read_instance(client, target, cursor, options, kinds, emit)
+        except (OpenSearchError, RecordError) as error:
+            result = InstanceReport(target, error=str(error))
+        except Exception as error:  # a bug must fail this instance loudly, never hang the run
+            logger.debug("%s: unexpected error", target, exc_info=True)
+            result = InstanceReport(target, error=f"unexpected {type(error).__name__}: {error}")
+        pages.put(("done", result))
+
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="opensearch") as pool:
+        for target in targets:
+            pool.submit(work, target)
+        remaining = len(targets)
+        try:
+            while remaining:
+                kind, payload = pages.get()
+                if kind == "rows":
+                    yield payload
+                    continue
+                remaining -= 1
+                _finish_instance(payload, cursors, report)
+        finally:
+            stop.set()
+    report.requests = client.stats.requests
+    report.retries = client.stats.retries
+
+
+def _finish_instance(result: InstanceReport, cursors: dict[str, Any], report: RunReport) -> None:
+    report.instances.append(result)
+    if result.error:
+        report.failures.append(f"{result.target}: {result.error}")
+        logger.error("%s failed; its cursor is unchanged: %s", result.target, result.error)
+        return
+    if result.cursor is not None:
+        cursors[result.target.key] = result.cursor.to_state()
+    logger.info(
+        "%s: %d new, %d updated, %d running, %d requests, %.2fs",
+        result.target,
+        result.new,
+        result.updated,
+        result.running,
+        result.requests,
+        result.seconds,
+    )
+
+
+def _resolve_targets(
+    client: OpenSearchClient, specs: Sequence[TargetSpec], report: RunReport
+) -> list[Target]:
+    """Explicit instances as given; the rest discovered with ListFunctionInstances."""
+    resolved: dict[Target, None] = {}
+    for spec in specs:
+        if spec.instance_name is not None and spec.function_name is not None:
+            resolved[Target(spec.app_group, spec.function_name, spec.instance_name)] = None
+            continue
+        try:
+            for target in discover_instances(client, spec.app_group, spec.function_name):
+                resolved[target] = None
+        except OpenSearchError as error:
+            report.failures.append(f"{spec}: discovery failed: {error}")
+            logger.error("%s: discovery failed: %s", spec, error)
+    return list(resolved)
+
+
+def _known_columns() -> dict[str, Any]:
+    """Columns the destination schema already has, so flattened types stay stable across runs."""
+    try:
+        schema = dlt.current.source_schema()
+    except Exception:  # outside a pipeline (tests calling the resource directly)
+        return {}
+    table = schema.tables.get(TABLE_NAME)
+    return dict(table.get("columns", {})) if table else {}

@@ -1,0 +1,349 @@
+"""Signed, retried calls to the OpenSearch 2017-12-25 API through Alibaba Cloud's own generic client.
+
+Why the generic client (``alibabacloud-tea-openapi`` ``call_api``) and not the typed SDK: signing stays
+Alibaba Cloud's code (ACS3-HMAC-SHA256, STS headers, the credentials chain), while we read the raw JSON
+body ourselves, because the typed models read PascalCase only and the wire is often camelCase.
+
+Why our own retry loop: tea-openapi 0.4.x retries nothing by default, and Alibaba's throttling may come as
+a 400 (``Throttling.User``). Each attempt is signed anew (fresh nonce and date).
+
+Secrets: errors raised here carry the target, the API code, the HTTP status and the request id, never
+the SDK's exception (whose request object holds the signed headers and STS token).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import orjson
+from alibabacloud_credentials.client import Client as CredentialClient
+from alibabacloud_credentials.models import Config as CredentialConfig
+from alibabacloud_tea_openapi import exceptions as tea_errors
+from alibabacloud_tea_openapi.client import Client as OpenApiClient
+from alibabacloud_tea_openapi.utils_models import Config, OpenApiRequest, Params
+from darabonba.exceptions import UnretryableException
+from darabonba.runtime import RuntimeOptions
+
+from pipelines.opensearch_tasks.settings import API_VERSION, DEFAULT_REGION
+
+logger = logging.getLogger(__name__)
+
+# Codes that mean "try again later"; everything else from the API fails at once.
+RETRYABLE_CODES = frozenset(
+    {
+        "Throttling",
+        "Throttling.User",
+        "Throttling.Api",
+        "Throttling.System",
+        "ServiceUnavailable",
+        "InternalError",
+        "InternalServerError",
+        "SystemBusy",
+        "RequestTimeout",
+    }
+)
+# What a successful body may carry in ``code`` (most carry none).
+OK_CODES = frozenset({"OK", "Ok", "Success", "200"})
+AUTH_CODE_HINTS = {
+    "InvalidAccessKeyId.NotFound": "check the access key id",
+    "SignatureDoesNotMatch": "check the access key secret",
+    "IncompleteSignature": "check the access key secret",
+    "MissingAuthorization": "set credentials (see README, 'Credentials')",
+    "InvalidSecurityToken.Expired": "refresh the STS token",
+    "InvalidSecurityToken.Mismatch": "the STS token does not belong to this access key",
+    "Forbidden.RAM": "grant the RAM user opensearch:ListFunctionTasks",
+    "App.NotFound": "check the app group name (opensearch-tasks run --target APP/...)",
+    "Instance.NotExist": "check the function and instance names",
+}
+
+
+class OpenSearchError(Exception):
+    """An API call that failed for good. The message is safe to print (no secrets)."""
+
+    def __init__(
+        self,
+        what: str,
+        *,
+        code: str | None = None,
+        status: int | None = None,
+        request_id: str | None = None,
+        message: str | None = None,
+        attempts: int = 1,
+        retryable: bool = False,
+        retry_after_seconds: float | None = None,
+    ) -> None:
+        self.what = what
+        self.code = code
+        self.status = status
+        self.request_id = request_id
+        self.api_message = message
+        self.attempts = attempts
+        self.retryable = retryable
+        self.retry_after_seconds = retry_after_seconds
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        parts = [self.what]
+        if self.code:
+            parts.append(f"code {self.code}")
+        if self.status:
+            parts.append(f"HTTP {self.status}")
+        if self.api_message:
+            parts.append(self.api_message)
+        if self.request_id:
+            parts.append(f"request id {self.request_id}")
+        if self.attempts > 1:
+            parts.append(f"after {self.attempts} attempts")
+        hint = AUTH_CODE_HINTS.get(self.code or "")
+        if hint:
+            parts.append(f"hint: {hint}")
+        return ": ".join(parts[:1]) + (" (" + "; ".join(parts[1:]) + ")" if parts[1:] else "")
+
+
+class CredentialsError(OpenSearchError):
+    """No usable credentials: a configuration error (exit code 2)."""
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Explicit credentials; ``None`` everywhere means "use Alibaba Cloud's default chain"."""
+
+    access_key_id: str | None = None
+    access_key_secret: str | None = field(default=None, repr=False)
+    security_token: str | None = field(default=None, repr=False)
+
+    def provider(self) -> CredentialClient:
+        """A credentials client: static keys (AK or STS) when given, else the default chain
+        (env ``ALIBABA_CLOUD_ACCESS_KEY_ID``/``_SECRET``/``_SECURITY_TOKEN``, profile, RAM role, ...)."""
+        if self.access_key_id and self.access_key_secret:
+            kind = "sts" if self.security_token else "access_key"
+            config = CredentialConfig(
+                type=kind,
+                access_key_id=self.access_key_id,
+                access_key_secret=self.access_key_secret,
+                security_token=self.security_token,
+            )
+            return CredentialClient(config)
+        if self.access_key_id or self.access_key_secret:
+            raise CredentialsError("incomplete credentials: set both access_key_id and access_key_secret")
+        chain = CredentialClient()
+        try:
+            chain.get_credential()
+        except Exception:
+            raise CredentialsError(
+                "no Alibaba Cloud credentials found: set ALIBABA_CLOUD_ACCESS_KEY_ID and "
+                "ALIBABA_CLOUD_ACCESS_KEY_SECRET, or sources.opensearch_tasks.access_key_id / "
+                "access_key_secret in .dlt/secrets.toml (see .dlt/secrets.toml.example)"
+            ) from None
+        return chain
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter, bounded attempts; server hints win when larger."""
+
+    max_attempts: int = 6
+    base_seconds: float = 0.25
+    max_seconds: float = 30.0
+
+    def delay(self, attempt: int, hint_seconds: float | None = None) -> float:
+        cap = min(self.max_seconds, self.base_seconds * 2**attempt)
+        backoff = random.uniform(0, cap)  # noqa: S311 (jitter, not crypto)
+        if hint_seconds is not None:
+            return min(self.max_seconds, max(hint_seconds, backoff))
+        return backoff
+
+
+def resolve_endpoint(endpoint: str | None, region: str | None) -> tuple[str, str]:
+    """(host[:port], protocol) from an explicit URL/host or a region (HTTPS by default)."""
+    if endpoint:
+        if "://" not in endpoint:
+            return endpoint.rstrip("/"), "https"
+        parts = urlsplit(endpoint)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise OpenSearchError(f"invalid endpoint {endpoint!r}: use https://HOST or http://HOST:PORT")
+        return parts.netloc, parts.scheme
+    return f"opensearch.{region or DEFAULT_REGION}.aliyuncs.com", "https"
+
+
+def segment(name: str) -> str:
+    """Percent-encode one URL path segment (``/``, ``..``, ``%``, spaces, non-ASCII included)."""
+    if name in (".", ".."):
+        return name.replace(".", "%2E")
+    return quote(name, safe="")
+
+
+def tasks_path(app_group: str, function_name: str, instance_name: str) -> str:
+    return (
+        f"/v4/openapi/app-groups/{segment(app_group)}/functions/{segment(function_name)}"
+        f"/instances/{segment(instance_name)}/tasks"
+    )
+
+
+def instances_path(app_group: str, function_name: str) -> str:
+    return f"/v4/openapi/app-groups/{segment(app_group)}/functions/{segment(function_name)}/instances"
+
+
+@dataclass
+class CallStats:
+    """Counts per client, read by the run summary and the benchmarks."""
+
+    requests: int = 0
+    retries: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, requests: int = 0, retries: int = 0) -> None:
+        with self.lock:
+            self.requests += requests
+            self.retries += retries
+
+
+class OpenSearchClient:
+    """Thread-safe: each thread gets its own tea client; the credentials provider is shared."""
+
+    def __init__(
+        self,
+        credentials: Credentials,
+        *,
+        endpoint: str | None = None,
+        region: str | None = DEFAULT_REGION,
+        retry: RetryPolicy | None = None,
+        read_timeout_ms: int = 30_000,
+        connect_timeout_ms: int = 5_000,
+        signature_algorithm: str | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.host, self.protocol = resolve_endpoint(endpoint, region)
+        self._credential = credentials.provider()
+        self.retry = retry or RetryPolicy()
+        self.read_timeout_ms = read_timeout_ms
+        self.connect_timeout_ms = connect_timeout_ms
+        self.signature_algorithm = signature_algorithm
+        self._sleep = sleep
+        self._local = threading.local()
+        self.stats = CallStats()
+
+    def _tea(self) -> OpenApiClient:
+        client = getattr(self._local, "client", None)
+        if client is None:
+            config = Config(
+                credential=self._credential,
+                endpoint=self.host,
+                protocol=self.protocol,
+                read_timeout=self.read_timeout_ms,
+                connect_timeout=self.connect_timeout_ms,
+                signature_algorithm=self.signature_algorithm,
+            )
+            client = self._local.client = OpenApiClient(config)
+        return client
+
+    def thread_counts(self) -> tuple[int, int]:
+        """(requests, retries) made by the calling thread, for per-instance summaries."""
+        return getattr(self._local, "requests", 0), getattr(self._local, "retries", 0)
+
+    def get(self, action: str, pathname: str, query: Mapping[str, Any], what: str) -> dict[str, Any]:
+        """GET ``pathname`` signed as ``action``; returns the parsed JSON body.
+
+        ``what`` names the call in errors ("ListFunctionTasks app/ctr/ctr_v2 page 3").
+        """
+        params = Params(
+            action=action,
+            version=API_VERSION,
+            protocol=self.protocol,
+            pathname=pathname,
+            method="GET",
+            auth_type="AK",
+            style="ROA",
+            req_body_type="json",
+            body_type="byte",
+        )
+        str_query = {k: str(v) for k, v in query.items() if v is not None}
+        attempt = 0
+        while True:
+            attempt += 1
+            self.stats.add(requests=1)
+            self._local.requests = getattr(self._local, "requests", 0) + 1
+            try:
+                return self._attempt(params, str_query, what, attempt)
+            except OpenSearchError as error:
+                if not error.retryable or attempt >= self.retry.max_attempts:
+                    error.attempts = attempt
+                    error.args = (error._render(),)
+                    raise
+                delay = self.retry.delay(attempt, error.retry_after_seconds)
+                logger.info("%s: %s; retrying in %.2fs", what, error, delay)
+                self.stats.add(retries=1)
+                self._local.retries = getattr(self._local, "retries", 0) + 1
+                self._sleep(delay)
+
+    def _attempt(self, params: Params, query: dict[str, str], what: str, attempt: int) -> dict[str, Any]:
+        runtime = RuntimeOptions(
+            read_timeout=self.read_timeout_ms, connect_timeout=self.connect_timeout_ms
+        )
+        try:
+            response = self._tea().call_api(params, OpenApiRequest(query=query), runtime)
+        except tea_errors.ThrottlingException as exc:
+            error = _api_error(what, exc, retryable=True)
+            # x-acs-retry-after is in milliseconds.
+            error.retry_after_seconds = (exc.retry_after or 0) / 1000 or None
+            raise error from None
+        except tea_errors.AlibabaCloudException as exc:
+            status = getattr(exc, "status_code", None)
+            code = getattr(exc, "code", None)
+            retryable = code in RETRYABLE_CODES or status == 429 or (status or 0) >= 500
+            raise _api_error(what, exc, retryable=retryable) from None
+        except UnretryableException as exc:
+            inner = getattr(exc, "inner_exception", None)
+            reason = type(inner).__name__ if inner is not None else "connection error"
+            raise OpenSearchError(what, message=f"transport error ({reason})", retryable=True) from None
+        except Exception as exc:  # the SDK's transport raises plain requests/urllib3 errors too
+            raise OpenSearchError(
+                what, message=f"transport error ({type(exc).__name__})", retryable=True
+            ) from None
+        return _parse_body(response.get("body"), response.get("statusCode"), what)
+
+
+def _api_error(what: str, exc: Exception, *, retryable: bool) -> OpenSearchError:
+    data = getattr(exc, "data", None) or {}
+    message = data.get("message") or data.get("Message") if isinstance(data, dict) else None
+    request_id = getattr(exc, "request_id", None)
+    return OpenSearchError(
+        what,
+        code=getattr(exc, "code", None) or None,
+        status=getattr(exc, "status_code", None),
+        request_id=request_id if request_id not in (None, "None") else None,
+        message=message,
+        retryable=retryable,
+    )
+
+
+def _parse_body(raw: Any, status: int | None, what: str) -> dict[str, Any]:
+    """Parse a 200 body; a truncated body is retryable, an error ``code`` inside a 200 is an error."""
+    try:
+        body = orjson.loads(raw or b"")
+    except orjson.JSONDecodeError:
+        raise OpenSearchError(
+            what, status=status, message="response body is not valid JSON (truncated?)", retryable=True
+        ) from None
+    if not isinstance(body, dict):
+        raise OpenSearchError(
+            what, status=status, message="response body is not a JSON object", retryable=True
+        )
+    code = body.get("code") or body.get("Code")
+    if code and str(code) not in OK_CODES:
+        raise OpenSearchError(
+            what,
+            code=str(code),
+            status=status,
+            request_id=body.get("requestId") or body.get("RequestId"),
+            message=body.get("message") or body.get("Message"),
+            retryable=str(code) in RETRYABLE_CODES,
+        )
+    return body

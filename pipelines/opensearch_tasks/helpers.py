@@ -1,0 +1,219 @@
+"""Reading one instance's task listing: paging, drift-proof dedup, cursor bookkeeping.
+
+Small and synchronous on purpose: the source runs one of these per instance in a thread pool, so the
+network waits of many instances overlap while each instance pages in order.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import pyarrow as pa
+
+from pipelines.opensearch_tasks.client import OpenSearchClient, OpenSearchError, instances_path
+from pipelines.opensearch_tasks.client import tasks_path as _tasks_path
+from pipelines.opensearch_tasks.cursor import CursorUpdate, InstanceCursor, to_filter_value
+from pipelines.opensearch_tasks.records import (
+    ColumnKinds,
+    Target,
+    TaskBatch,
+    pick,
+    result_items,
+    task_record,
+    total_count,
+)
+from pipelines.opensearch_tasks.settings import KNOWN_FUNCTIONS
+
+logger = logging.getLogger(__name__)
+
+# Codes that mean "nothing here" when discovering, rather than a failure.
+NOT_FOUND_CODES = frozenset({"Instance.NotExist", "Function.NotExist", "InvalidFunctionName"})
+
+
+@dataclass
+class InstanceReport:
+    """What one instance's read did; printed in the run summary."""
+
+    target: Target
+    new: int = 0
+    updated: int = 0
+    running: int = 0
+    went_stale: int = 0
+    rows_written: int = 0
+    duplicates_skipped: int = 0
+    requests: int = 0
+    retries: int = 0
+    seconds: float = 0.0
+    seconds_unit: bool = False
+    error: str | None = None
+    cursor: InstanceCursor | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    page_size: int
+    stale_after_ms: int
+    lookback_ms: int = 0
+    since_ms: int | None = None  # backfill window: read from here, do not move the cursor
+    until_ms: int | None = None
+    batch_rows: int = 20_000
+
+
+def server_now_ms(headers: Any) -> int | None:
+    """The API's own clock (``Date`` header), so the stale horizon follows the server's time."""
+    if not headers:
+        return None
+    value = headers.get("date") or headers.get("Date")
+    if not value:
+        return None
+    try:
+        return int(parsedate_to_datetime(value).timestamp() * 1000)
+    except (TypeError, ValueError):
+        return None
+
+
+def list_tasks_page(
+    client: OpenSearchClient,
+    target: Target,
+    page_number: int,
+    page_size: int,
+    start_filter: int | None,
+) -> dict[str, Any]:
+    query = {"pageNumber": page_number, "pageSize": page_size, "startTime": start_filter}
+    what = f"ListFunctionTasks {target} page {page_number}"
+    path = _tasks_path(target.app_group, target.function_name, target.instance_name)
+    return client.get("ListFunctionTasks", path, query, what)
+
+
+def detect_unit(client: OpenSearchClient, target: Target) -> str:
+    """One tiny request to learn whether this instance speaks seconds or milliseconds."""
+    body = list_tasks_page(client, target, 1, 1, None)
+    for item in result_items(body):
+        start = pick(item, "startTime", "StartTime")
+        if start:
+            return "s" if int(start) < 100_000_000_000 else "ms"
+    return "ms"
+
+
+def read_instance(
+    client: OpenSearchClient,
+    target: Target,
+    cursor: InstanceCursor,
+    options: ReadOptions,
+    kinds: ColumnKinds,
+    emit: Callable[[pa.Table], None],
+    now_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+) -> InstanceReport:
+    """Page through one instance's window, emit Arrow batches, and compute its next cursor.
+
+    The next cursor is only set on the report when every page was read; a failure leaves it ``None``
+    so the caller keeps the old one (rows already emitted are re-read next time and merge away).
+    """
+    report = InstanceReport(target)
+    started = time.perf_counter()
+    requests_before, retries_before = client.thread_counts()
+    backfill = options.since_ms is not None or options.until_ms is not None
+    clock_ms = now_ms()
+    if options.since_ms is not None:
+        window = options.since_ms
+    else:
+        window = cursor.window_start_ms(clock_ms, options.stale_after_ms, options.lookback_ms)
+    unit = cursor.unit
+    if window is not None and unit is None:
+        unit = detect_unit(client, target)
+    start_filter = to_filter_value(window, unit) if window is not None else None
+    update = CursorUpdate(cursor)
+    if unit is not None:
+        update.unit = unit
+    fetched_at_us = int(time.time() * 1_000_000)
+    seen: set[str] = set()
+    batch = TaskBatch(kinds)
+    page_number = 0
+    while True:
+        page_number += 1
+        body = list_tasks_page(client, target, page_number, options.page_size, start_filter)
+        items = result_items(body)
+        for item in items:
+            record, flat, was_seconds = task_record(item, target, fetched_at_us)
+            run_id, start_ms = record["run_id"], record["start_time_ms"]
+            if run_id in seen:  # the page shifted under us: first read wins
+                report.duplicates_skipped += 1
+                continue
+            seen.add(run_id)
+            if was_seconds and not report.seconds_unit:
+                report.seconds_unit = True
+                logger.warning("%s: timestamps are in seconds; converting to milliseconds", target)
+            if window is not None and start_ms is not None and start_ms < window:
+                continue  # a lenient server ignored the filter
+            if options.until_ms is not None and start_ms is not None and start_ms >= options.until_ms:
+                continue
+            if not backfill:
+                update.see(run_id, start_ms, record["status"], was_seconds)
+            if record["status"] == "running":
+                report.running += 1
+            if not backfill and not options.lookback_ms and cursor.is_known_final(run_id, start_ms):
+                continue
+            if cursor.is_new(run_id, start_ms):
+                report.new += 1
+            elif run_id in cursor.open:
+                report.updated += 1
+            batch.add(record, flat)
+            if len(batch) >= options.batch_rows:
+                report.rows_written += len(batch)
+                emit(batch.to_arrow())
+                batch = TaskBatch(kinds)
+        if len(items) < options.page_size:
+            break
+        total = total_count(body)
+        if total is not None and page_number * options.page_size >= total + options.page_size:
+            break  # defensive: never page past what the server says exists
+    if len(batch):
+        report.rows_written += len(batch)
+        emit(batch.to_arrow())
+    if not backfill:
+        report.cursor, report.went_stale = update.result(clock_ms, options.stale_after_ms)
+    requests_after, retries_after = client.thread_counts()
+    report.requests = requests_after - requests_before
+    report.retries = retries_after - retries_before
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def discover_instances(
+    client: OpenSearchClient, app_group: str, function_name: str | None
+) -> list[Target]:
+    """Instances of one app group (all known functions, or one); functions without any are skipped."""
+    functions = (function_name,) if function_name else KNOWN_FUNCTIONS
+    targets: list[Target] = []
+    for fn in functions:
+        try:
+            targets.extend(_instances_of(client, app_group, fn))
+        except OpenSearchError as error:
+            if error.code in NOT_FOUND_CODES and function_name is None:
+                continue
+            raise
+    return targets
+
+
+def _instances_of(client: OpenSearchClient, app_group: str, fn: str) -> Iterator[Target]:
+    page_number, page_size = 1, 100
+    while True:
+        body = client.get(
+            "ListFunctionInstances",
+            instances_path(app_group, fn),
+            {"pageNumber": page_number, "pageSize": page_size},
+            f"ListFunctionInstances {app_group}/{fn}",
+        )
+        items = result_items(body)
+        for item in items:
+            name = pick(item, "instanceName", "InstanceName")
+            if name:
+                yield Target(app_group, fn, str(name))
+        if len(items) < page_size:
+            return
+        page_number += 1

@@ -1,0 +1,297 @@
+"""Runs the source into a destination: one function the CLI, the DAG and the benchmarks share.
+
+Usage (what ``opensearch-tasks run`` does)::
+
+    from pipelines.runner import RunConfig, run
+    result = run(RunConfig(targets=["my_app"], endpoint="http://127.0.0.1:8080"))
+
+Why this module exists apart from the source: it owns the things around a run that the source must not
+know about: which destination, whose cursor (state belongs to the destination), locks against a second
+run, leftovers of a killed run, and the models built afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dlt
+import duckdb
+from dlt.common.pipeline import LoadInfo
+
+from pipelines.opensearch_tasks import RunReport, opensearch_tasks
+from pipelines.opensearch_tasks.settings import (
+    DATASET_NAME,
+    DEFAULT_PAGE_SIZE,
+    DEFAULT_REGION,
+    DEFAULT_STALE_AFTER_HOURS,
+    MAX_PAGE_SIZE,
+    PIPELINE_NAME,
+)
+from pipelines.opensearch_tasks.targets import parse_targets
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DUCKDB_PATH = "data/opensearch.duckdb"
+FINGERPRINT_FILE = "opensearch_tasks_destination.txt"
+
+# dlt settings the product relies on, applied unless the user set them (env or .dlt/config.toml):
+# arrow rows need _dlt_load_id so the Parquet staging model can pick the newest version of a task.
+_DLT_DEFAULTS = {
+    "NORMALIZE__PARQUET_NORMALIZER__ADD_DLT_LOAD_ID": "true",
+    "NORMALIZE__PARQUET_NORMALIZER__ADD_DLT_ID": "true",
+    "RUNTIME__DLTHUB_TELEMETRY": "false",
+}
+
+
+class UsageError(ValueError):
+    """Bad options or configuration: exit code 2, one line, no traceback."""
+
+
+class RunError(RuntimeError):
+    """The run could not complete (locked file, failed instances, ...): exit code 1."""
+
+
+@dataclass
+class RunConfig:
+    targets: Sequence[str] | None = (
+        None  # None: from .dlt/config.toml (sources.opensearch_tasks.targets)
+    )
+    endpoint: str | None = None
+    region: str = DEFAULT_REGION
+    destination: str = "duckdb"
+    duckdb_path: str = DEFAULT_DUCKDB_PATH
+    parquet_dir: str | None = None
+    models_path: str | None = None  # DuckDB file for the models over Parquet
+    since_ms: int | None = None
+    until_ms: int | None = None
+    full_refresh: bool = False
+    page_size: int = DEFAULT_PAGE_SIZE
+    workers: int = 8
+    stale_after_hours: float = DEFAULT_STALE_AFTER_HOURS
+    lookback_hours: float = 0
+    max_attempts: int = 6
+    build_models: bool = True
+    pipeline_name: str = PIPELINE_NAME
+    pipelines_dir: str | None = None
+    credentials: dict[str, str | None] = field(default_factory=dict, repr=False)
+
+    def validate(self) -> None:
+        if self.destination not in ("duckdb", "parquet"):
+            raise UsageError(f"unknown destination {self.destination!r}: use duckdb or parquet")
+        if self.destination == "parquet" and not self.parquet_dir:
+            raise UsageError("--destination parquet needs --parquet-dir DIR (or s3://BUCKET/PREFIX)")
+        if not 1 <= self.page_size <= MAX_PAGE_SIZE:
+            raise UsageError(f"--page-size must be between 1 and {MAX_PAGE_SIZE}, got {self.page_size}")
+        if not 1 <= self.workers <= 64:
+            raise UsageError(f"--workers must be between 1 and 64, got {self.workers}")
+        if self.since_ms is not None and self.until_ms is not None and self.since_ms >= self.until_ms:
+            raise UsageError("--since must be before --until")
+        if self.targets:
+            parse_targets(self.targets)
+        for option, path in (("--duckdb-path", self.duckdb_path), ("--duckdb-path", self.models_path)):
+            if path and Path(path).stem == DATASET_NAME:
+                raise UsageError(
+                    f"{option} {path}: a DuckDB file named like the dataset ({DATASET_NAME}) makes "
+                    f"'{DATASET_NAME}.function_tasks' ambiguous in DuckDB; choose another file name, "
+                    "e.g. data/opensearch.duckdb"
+                )
+
+    @property
+    def is_remote(self) -> bool:
+        return bool(self.parquet_dir) and "://" in str(self.parquet_dir)
+
+    def destination_url(self) -> str:
+        if self.destination == "duckdb":
+            return f"duckdb:{Path(self.duckdb_path).resolve()}"
+        if self.is_remote:
+            return f"filesystem:{self.parquet_dir}"
+        return f"filesystem:{Path(str(self.parquet_dir)).resolve()}"
+
+    def models_db(self) -> str:
+        if self.destination == "duckdb":
+            return self.duckdb_path
+        return self.models_path or str(
+            Path(DEFAULT_DUCKDB_PATH).with_name("opensearch_parquet.duckdb")
+        )
+
+
+@dataclass
+class RunResult:
+    report: RunReport
+    load_info: LoadInfo | None
+    seconds: float
+    models: list[str] = field(default_factory=list)
+
+
+def apply_dlt_defaults() -> None:
+    for key, value in _DLT_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+def make_destination(config: RunConfig) -> Any:
+    if config.destination == "duckdb":
+        path = Path(config.duckdb_path).resolve()
+        _ensure_writable_dir(path.parent, "--duckdb-path")
+        return dlt.destinations.duckdb(str(path))
+    if config.is_remote:
+        return dlt.destinations.filesystem(bucket_url=str(config.parquet_dir))
+    directory = Path(str(config.parquet_dir)).resolve()
+    _ensure_writable_dir(directory, "--parquet-dir")
+    return dlt.destinations.filesystem(bucket_url=directory.as_uri())
+
+
+def _ensure_writable_dir(directory: Path, option: str) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"{option}: cannot create {directory}: {error.strerror}") from None
+    if not os.access(directory, os.W_OK):
+        raise UsageError(f"{option}: {directory} is not writable")
+
+
+def make_pipeline(config: RunConfig) -> dlt.Pipeline:
+    """The pipeline for this destination; a working folder left by another destination is dropped,
+    so its cursor is never reused (state then comes from the destination itself)."""
+    apply_dlt_defaults()
+    kwargs: dict[str, Any] = {"pipeline_name": config.pipeline_name, "dataset_name": DATASET_NAME}
+    if config.pipelines_dir:
+        kwargs["pipelines_dir"] = config.pipelines_dir
+    destination = make_destination(config)
+    pipeline = dlt.pipeline(destination=destination, **kwargs)
+    marker = Path(pipeline.working_dir) / FINGERPRINT_FILE
+    wanted = config.destination_url()
+    if marker.exists() and marker.read_text().strip() != wanted:
+        logger.info("destination changed to %s: local pipeline state dropped", wanted)
+        pipeline.drop()
+        pipeline = dlt.pipeline(destination=destination, **kwargs)
+    Path(pipeline.working_dir).mkdir(parents=True, exist_ok=True)
+    marker.write_text(wanted + "\n")
+    return pipeline
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path, what: str) -> Iterator[None]:
+    """One run at a time per destination: a second run refuses instead of corrupting state."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunError(
+                f"another opensearch-tasks run is using {what}; wait for it to finish and rerun"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def check_duckdb_writable(path: str) -> None:
+    """Fail early, in one line, when another process (a notebook?) holds the DuckDB file."""
+    if not Path(path).exists():
+        return
+    try:
+        duckdb.connect(path).close()
+    except duckdb.IOException as error:
+        if "lock" in str(error).lower():
+            raise RunError(
+                f"{path} is locked by another process (a notebook or DuckDB CLI?): "
+                "close that connection, or open it with read_only=True, and rerun"
+            ) from None
+        raise
+
+
+def _lock_path(config: RunConfig) -> Path:
+    if config.destination == "duckdb":
+        path = Path(config.duckdb_path).resolve()
+        return path.with_name(path.name + ".run.lock")
+    if config.is_remote:
+        base = Path(config.pipelines_dir or Path.home() / ".dlt" / "pipelines")
+        return base / f"{config.pipeline_name}.run.lock"
+    return Path(str(config.parquet_dir)).resolve() / ".opensearch_tasks.run.lock"
+
+
+def finish_pending(pipeline: dlt.Pipeline, config: RunConfig) -> dlt.Pipeline:
+    """Complete what a killed run left behind; if it cannot be completed, drop it *and* the local
+    state it carried, so the cursor falls back to what the destination really holds."""
+    if not pipeline.has_pending_data:
+        return pipeline
+    logger.warning("completing load packages left by an interrupted run")
+    try:
+        pipeline.normalize()
+        pipeline.load()
+    except Exception as error:
+        logger.warning("could not complete them (%s): dropping them and the local state", error)
+        pipeline.drop_pending_packages()
+        pipeline.drop()
+        return make_pipeline(config)
+    return pipeline
+
+
+def run(config: RunConfig) -> RunResult:
+    """Load the targets into the destination, then build the models. Raises UsageError / RunError."""
+    config.validate()
+    started = time.perf_counter()
+    with exclusive_lock(_lock_path(config), config.destination_url().split(":", 1)[1]):
+        if config.destination == "duckdb":
+            check_duckdb_writable(str(Path(config.duckdb_path).resolve()))
+        pipeline = make_pipeline(config)
+        pipeline = finish_pending(pipeline, config)
+        report = RunReport()
+        source = build_source(config, report)
+        refresh = "drop_sources" if config.full_refresh else None
+        load_info = pipeline.run(
+            source,
+            loader_file_format="parquet",
+            refresh=refresh,  # type: ignore[arg-type]
+        )
+        result = RunResult(report, load_info, 0.0)
+        if config.build_models:
+            result.models = build_models_for(config)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def build_source(config: RunConfig, report: RunReport) -> Any:
+    kwargs: dict[str, Any] = {
+        "endpoint": config.endpoint,
+        "region": config.region,
+        "page_size": config.page_size,
+        "workers": config.workers,
+        "stale_after_hours": config.stale_after_hours,
+        "lookback_hours": config.lookback_hours,
+        "since_ms": config.since_ms,
+        "until_ms": config.until_ms,
+        "write_disposition": "merge" if config.destination == "duckdb" else "append",
+        "max_attempts": config.max_attempts,
+        "report": report,
+    }
+    if config.targets:
+        kwargs["targets"] = list(config.targets)
+    for key, value in config.credentials.items():
+        if value:
+            kwargs[key] = value
+    return opensearch_tasks(**kwargs)
+
+
+def build_models_for(config: RunConfig) -> list[str]:
+    from pipelines.models import build_models_in_file
+
+    if config.destination == "duckdb":
+        return build_models_in_file(
+            config.duckdb_path, destination="duckdb", stale_after_hours=int(config.stale_after_hours)
+        )
+    return build_models_in_file(
+        config.models_db(),
+        destination="parquet",
+        parquet_dir=str(config.parquet_dir),
+        stale_after_hours=int(config.stale_after_hours),
+    )

@@ -1,0 +1,68 @@
+-- How long finished training tasks take per instance, overall and split by outcome.
+-- Grain: one row per (app_group, function_name, instance_name) with at least one finished task.
+-- Percentiles use quantile_cont (linear interpolation between the two nearest durations), so
+-- p50 of 10 s and 20 s is 15 s; running tasks are excluded (their duration is unknown).
+with
+
+tasks as (
+
+    select
+        app_group,
+        function_name,
+        instance_name,
+        duration_seconds,
+        is_succeeded,
+        is_failed
+    from analytics.stg_function_tasks
+    where is_finished
+
+),
+
+durations as (
+
+    select
+        app_group,
+        function_name,
+        instance_name,
+        count(*) as finished_tasks,
+        avg(duration_seconds) as avg_duration_seconds,
+        quantile_cont(duration_seconds, 0.5) as p50_duration_seconds,
+        quantile_cont(duration_seconds, 0.9) as p90_duration_seconds,
+        max(duration_seconds) as max_duration_seconds,
+        count(*) filter (where is_succeeded) as succeeded_tasks,
+        quantile_cont(duration_seconds, 0.5) filter (where is_succeeded)
+            as succeeded_p50_duration_seconds,
+        quantile_cont(duration_seconds, 0.9) filter (where is_succeeded)
+            as succeeded_p90_duration_seconds,
+        count(*) filter (where is_failed) as failed_tasks,
+        quantile_cont(duration_seconds, 0.5) filter (where is_failed)
+            as failed_p50_duration_seconds,
+        quantile_cont(duration_seconds, 0.9) filter (where is_failed)
+            as failed_p90_duration_seconds
+    from tasks
+    group by app_group, function_name, instance_name
+
+),
+
+final as (
+
+    select
+        app_group,
+        function_name,
+        instance_name,
+        finished_tasks,
+        avg_duration_seconds,
+        p50_duration_seconds,
+        p90_duration_seconds,
+        max_duration_seconds,
+        succeeded_tasks,
+        succeeded_p50_duration_seconds,
+        succeeded_p90_duration_seconds,
+        failed_tasks,
+        failed_p50_duration_seconds,
+        failed_p90_duration_seconds
+    from durations
+
+)
+
+select * from final

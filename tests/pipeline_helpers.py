@@ -1,0 +1,96 @@
+"""Shared helpers for tests that run the real pipeline against the emulator over HTTP."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from pipelines.runner import RunConfig, RunResult, run
+
+AK = "pipeline-test-ak"
+SECRET = "pipeline-test-secret-MUST-NOT-LEAK-7f3a"
+
+# What must match the emulator's truth, column by column.
+COMPARED = (
+    "generation",
+    "status",
+    "progress",
+    "start_time_ms",
+    "end_time_ms",
+    "extend_info",
+)
+KEY = ("app_group", "function_name", "instance_name", "run_id")
+
+
+def config_for(emu: Any, tmp_path: Path, **overrides: Any) -> RunConfig:
+    """A run against ``emu`` into a DuckDB file under ``tmp_path`` with its own dlt folder."""
+    values: dict[str, Any] = {
+        "targets": sorted({t[0] for t in emu.targets()}),
+        "endpoint": emu.url,
+        "duckdb_path": str(tmp_path / "tasks.duckdb"),
+        "pipelines_dir": str(tmp_path / "dlt_pipelines"),
+        "credentials": {"access_key_id": AK, "access_key_secret": SECRET},
+        "build_models": False,
+    }
+    values.update(overrides)
+    return RunConfig(**values)
+
+
+def run_ok(config: RunConfig) -> RunResult:
+    result = run(config)
+    assert result.report.ok, result.report.failures
+    return result
+
+
+def truth_by_key(emu: Any) -> dict[tuple[str, ...], dict[str, Any]]:
+    rows = {}
+    for row in emu.truth():
+        key = tuple(row[k] for k in KEY)
+        assert key not in rows, f"emulator truth has a duplicate key {key}"
+        rows[key] = {c: row[c] for c in COMPARED}
+    return rows
+
+
+def duckdb_rows(path: str) -> list[dict[str, Any]]:
+    with duckdb.connect(path, read_only=True) as con:
+        relation = con.sql("select * from opensearch_tasks.function_tasks")
+        columns = relation.columns
+        return [dict(zip(columns, values, strict=True)) for values in relation.fetchall()]
+
+
+def parquet_newest_rows(parquet_dir: str) -> list[dict[str, Any]]:
+    """Newest version of each key, by _dlt_load_id then fetched_at (what staging does)."""
+    glob = str(Path(parquet_dir) / "opensearch_tasks" / "function_tasks" / "*.parquet")
+    with duckdb.connect() as con:
+        relation = con.sql(
+            "select * from read_parquet(?, union_by_name=true) "
+            "qualify row_number() over (partition by app_group, function_name, instance_name, run_id "
+            "order by _dlt_load_id desc, fetched_at desc) = 1",
+            params=[glob],
+        )
+        columns = relation.columns
+        return [dict(zip(columns, values, strict=True)) for values in relation.fetchall()]
+
+
+def by_key(rows: list[dict[str, Any]]) -> dict[tuple[str, ...], dict[str, Any]]:
+    """Rows keyed by the natural key; fails on a duplicate key (the one-row-per-task promise)."""
+    keyed: dict[tuple[str, ...], dict[str, Any]] = {}
+    for row in rows:
+        key = tuple(row[k] for k in KEY)
+        assert key not in keyed, f"duplicate row for {key}"
+        keyed[key] = {c: row[c] for c in COMPARED}
+    return keyed
+
+
+def assert_equals_truth(rows: list[dict[str, Any]], emu: Any) -> None:
+    loaded, truth = by_key(rows), truth_by_key(emu)
+    missing = truth.keys() - loaded.keys()
+    extra = loaded.keys() - truth.keys()
+    assert not missing, f"{len(missing)} tasks missing, e.g. {sorted(missing)[:3]}"
+    assert not extra, f"{len(extra)} unexpected rows, e.g. {sorted(extra)[:3]}"
+    wrong = [k for k in truth if loaded[k] != truth[k]]
+    assert not wrong, (
+        f"{len(wrong)} rows differ, e.g. {wrong[0]}: {loaded[wrong[0]]} != {truth[wrong[0]]}"
+    )

@@ -1,0 +1,300 @@
+"""The connector end to end: real HTTP to the emulator, real DuckDB and Parquet files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pipelines.emulator import FaultPlan
+from pipelines.opensearch_tasks.cursor import InstanceCursor
+from pipelines.runner import run
+from tests.pipeline_helpers import (
+    AK,
+    KEY,
+    SECRET,
+    assert_equals_truth,
+    by_key,
+    config_for,
+    duckdb_rows,
+    parquet_newest_rows,
+    run_ok,
+)
+
+SMALL = {
+    "app_groups": 2,
+    "functions_per_group": 2,
+    "instances_per_function": 2,
+    "tasks_per_instance": 40,
+}
+
+
+@pytest.fixture
+def emu(make_emulator):
+    return make_emulator(keys={AK: SECRET}, **SMALL)
+
+
+def test_two_runs_with_clock_advanced_equal_truth_in_duckdb(emu, tmp_path):
+    config = config_for(emu, tmp_path, page_size=7)
+    first = run_ok(config)
+    assert_equals_truth(duckdb_rows(config.duckdb_path), emu)
+    assert sum(r.new for r in first.report.instances) == len(emu.truth())
+    running_before = {
+        k for k, v in by_key(duckdb_rows(config.duckdb_path)).items() if v["status"] == "running"
+    }
+    assert running_before, "the world should have running tasks to update"
+
+    emu.advance(hours=12)
+    second = run_ok(config)
+    rows = duckdb_rows(config.duckdb_path)
+    assert_equals_truth(rows, emu)
+    updated = {k for k, v in by_key(rows).items() if k in running_before and v["status"] != "running"}
+    assert updated, "running tasks that finished on the server must be updated"
+    assert sum(r.updated for r in second.report.instances) >= len(updated)
+
+    third = run_ok(config)  # nothing changed on the server: nothing new, table unchanged
+    assert sum(r.new for r in third.report.instances) == 0
+    assert by_key(duckdb_rows(config.duckdb_path)) == by_key(rows)
+
+
+def test_two_runs_into_parquet_keep_newest_version_per_task(emu, tmp_path):
+    config = config_for(emu, tmp_path, destination="parquet", parquet_dir=str(tmp_path / "lake"))
+    run_ok(config)
+    assert_equals_truth(parquet_newest_rows(config.parquet_dir), emu)
+    emu.advance(hours=12)
+    run_ok(config)
+    assert_equals_truth(parquet_newest_rows(config.parquet_dir), emu)
+    files = list((tmp_path / "lake" / "opensearch_tasks" / "function_tasks").glob("*.parquet"))
+    assert len(files) >= 2
+
+
+def test_noop_rerun_costs_one_request_per_instance(make_emulator, tmp_path):
+    emu = make_emulator(keys={AK: SECRET}, **SMALL)
+    config = config_for(emu, tmp_path)
+    run_ok(config)
+    result = run_ok(config)
+    for instance in result.report.instances:
+        open_tasks = instance.running
+        if open_tasks == 0:
+            assert instance.requests == 1, instance
+
+
+def test_camel_and_pascal_bodies_give_identical_tables(make_emulator, tmp_path):
+    camel = make_emulator(keys={AK: SECRET}, seed=11, start_ms=1_790_000_000_000, **SMALL)
+    pascal = make_emulator(
+        keys={AK: SECRET}, seed=11, start_ms=1_790_000_000_000, pascal_case_instances="all", **SMALL
+    )
+    tables = []
+    for name, emulator in (("camel", camel), ("pascal", pascal)):
+        config = config_for(emulator, tmp_path / name)
+        run_ok(config)
+        assert_equals_truth(duckdb_rows(config.duckdb_path), emulator)
+        ignored = {"_dlt_load_id", "_dlt_id", "fetched_at"}
+        table = sorted(
+            (tuple(row[k] for k in KEY), sorted((k, repr(v)) for k, v in row.items() if k not in ignored))
+            for row in duckdb_rows(config.duckdb_path)
+        )
+        tables.append(table)
+    assert tables[0] == tables[1]
+
+
+def test_seconds_timestamps_are_detected_and_converted(make_emulator, tmp_path, caplog):
+    emu = make_emulator(keys={AK: SECRET}, seconds_instances="all", **SMALL)
+    config = config_for(emu, tmp_path)
+    run_ok(config)
+    rows = duckdb_rows(config.duckdb_path)
+    assert_equals_truth(rows, emu)
+    assert {r["source_time_unit"] for r in rows} == {"s"}
+    assert all(r["start_time_ms"] > 100_000_000_000 for r in rows)
+    emu.advance(hours=6)
+    run_ok(config)  # the cursor is sent back in seconds
+    assert_equals_truth(duckdb_rows(config.duckdb_path), emu)
+
+
+def test_malformed_and_type_drifting_extend_info_keep_the_row(make_emulator, tmp_path):
+    emu = make_emulator(keys={AK: SECRET}, app_groups=1, functions_per_group=1, instances_per_function=1)
+    app, fn, inst = emu.targets()[0]
+    base = emu.now_ms - 3_600_000
+    odd = {
+        "odd-not-json": "{recall:",
+        "odd-empty": "",
+        "odd-null": "null",
+        "odd-array": "[1, 2]",
+        "odd-drift": '{"recall": "91%", "metrics": {"auc": true}}',
+        "odd-numeric": '{"recall": 0.9}',  # newest, read first: fixes recall as a number
+        "odd-nested": '{"metrics": {"precision": 0.5, "deep": {"x": 1}}, "errors": [{"message": "boom"}]}',
+    }
+    for i, (run_id, raw) in enumerate(odd.items()):
+        emu.add_task(
+            app,
+            fn,
+            inst,
+            status="failed",
+            start_ms=base + i,
+            end_ms=base + i + 1000,
+            extend_info=raw,
+            run_id=run_id,
+        )
+    config = config_for(emu, tmp_path)
+    run_ok(config)
+    rows = {r["run_id"]: r for r in duckdb_rows(config.duckdb_path)}
+    assert_equals_truth(list(rows.values()), emu)
+    for run_id in ("odd-not-json", "odd-empty", "odd-null", "odd-array"):
+        assert rows[run_id]["is_extend_info_malformed"] is True
+        assert rows[run_id]["extend_info"] == odd[run_id]
+    assert rows["odd-nested"]["is_extend_info_malformed"] is False
+    assert rows["odd-nested"]["extend_info__metrics__precision"] == 0.5
+    assert rows["odd-nested"]["extend_info__metrics__deep__x"] == 1.0
+    assert '"boom"' in rows["odd-nested"]["extend_info__errors"]
+    # recall is a number elsewhere in this world; the string goes to a variant column.
+    assert rows["odd-drift"]["extend_info__recall__v_text"] == "91%"
+
+
+def test_discovery_of_functions_and_instances(emu, tmp_path):
+    app = emu.targets()[0][0]
+    config = config_for(emu, tmp_path, targets=[app])
+    result = run_ok(config)
+    expected = {t for t in emu.targets() if t[0] == app}
+    loaded = {
+        (str(r.target.app_group), r.target.function_name, r.target.instance_name)
+        for r in result.report.instances
+    }
+    assert loaded == expected
+    fn = emu.targets()[0][1]
+    result = run_ok(config_for(emu, tmp_path / "one_fn", targets=[f"{app}/{fn}"]))
+    assert {r.target.function_name for r in result.report.instances} == {fn}
+
+
+def test_backfill_window_does_not_move_the_cursor(emu, tmp_path):
+    truth = emu.truth()
+    starts = sorted(r["start_time_ms"] for r in truth)
+    since, until = starts[len(starts) // 4], starts[len(starts) // 2]
+    config = config_for(emu, tmp_path, since_ms=since, until_ms=until)
+    run_ok(config)
+    rows = duckdb_rows(config.duckdb_path)
+    assert rows and all(since <= r["start_time_ms"] < until for r in rows)
+    assert len(rows) == sum(1 for r in truth if since <= r["start_time_ms"] < until)
+    # The next normal run still loads everything: the window did not move the cursor.
+    config.since_ms = config.until_ms = None
+    run_ok(config)
+    assert_equals_truth(duckdb_rows(config.duckdb_path), emu)
+
+
+def test_page_drift_during_paging_leaves_one_row_per_task(make_emulator, tmp_path):
+    emu = make_emulator(keys={AK: SECRET}, **SMALL)
+    emu.set_faults(FaultPlan(drift_tasks_per_page=2))
+    config = config_for(emu, tmp_path, page_size=5)
+    result = run_ok(config)
+    assert sum(r.duplicates_skipped for r in result.report.instances) > 0
+    emu.clear_faults()
+    run_ok(config)
+    assert_equals_truth(duckdb_rows(config.duckdb_path), emu)
+
+
+def test_throttling_and_5xx_are_retried(make_emulator, tmp_path):
+    emu = make_emulator(keys={AK: SECRET}, **SMALL)
+    emu.set_faults(FaultPlan(seed=3, throttle_rate=0.25, error_5xx_rate=0.15))
+    config = config_for(emu, tmp_path, page_size=10, max_attempts=12)
+    result = run_ok(config)
+    assert result.report.retries > 0
+    assert_equals_truth(duckdb_rows(config.duckdb_path), emu)
+
+
+def test_failing_instance_keeps_its_cursor_and_others_load(make_emulator, tmp_path):
+    emu = make_emulator(keys={AK: SECRET}, **SMALL)
+    broken = emu.targets()[0]
+    emu.set_faults(FaultPlan(error_5xx_rate=1.0, only_instances=[broken]))
+    config = config_for(emu, tmp_path, max_attempts=2)
+    result = run(config)
+    assert not result.report.ok
+    assert any(str("/".join(broken)) in f for f in result.report.failures)
+    rows = duckdb_rows(config.duckdb_path)
+    assert {(r["app_group"], r["function_name"], r["instance_name"]) for r in rows} == set(
+        emu.targets()
+    ) - {broken}
+    emu.clear_faults()
+    run_ok(config)
+    assert_equals_truth(duckdb_rows(config.duckdb_path), emu)
+
+
+def test_new_destination_loads_everything(emu, tmp_path):
+    first = config_for(emu, tmp_path, duckdb_path=str(tmp_path / "a.duckdb"))
+    run_ok(first)
+    second = config_for(emu, tmp_path, duckdb_path=str(tmp_path / "b.duckdb"))
+    result = run_ok(second)
+    assert sum(r.new for r in result.report.instances) == len(emu.truth())
+    assert_equals_truth(duckdb_rows(second.duckdb_path), emu)
+    back = run_ok(first)  # back to the first file: its own cursor, restored, nothing new
+    assert sum(r.new for r in back.report.instances) == 0
+
+
+def test_stale_open_task_stops_holding_the_cursor(emu, tmp_path):
+    config = config_for(emu, tmp_path)
+    run_ok(config)
+    pipeline_state = _instance_cursors(config)
+    horizon = emu.now_ms - 7 * 24 * 3_600_000
+    for cursor in pipeline_state.values():
+        assert all(start >= horizon for start in cursor.open.values())
+
+
+def _instance_cursors(config) -> dict[str, InstanceCursor]:
+    import dlt
+
+    pipeline = dlt.attach(config.pipeline_name, pipelines_dir=config.pipelines_dir)
+    state = pipeline.state["sources"]["opensearch_tasks"]["resources"]["function_tasks"]["instances"]
+    return {key: InstanceCursor.from_state(value) for key, value in state.items()}
+
+
+def test_cli_run_keeps_the_secret_out_of_output_and_files(emu, tmp_path):
+    env = {
+        **os.environ,
+        "ALIBABA_CLOUD_ACCESS_KEY_ID": AK,
+        "ALIBABA_CLOUD_ACCESS_KEY_SECRET": SECRET,
+        "ALIBABA_CLOUD_ECS_METADATA_DISABLED": "true",
+    }
+    args = [
+        sys.executable,
+        "-m",
+        "pipelines.cli",
+        "--debug",
+        "run",
+        "--endpoint",
+        emu.url,
+        "--duckdb-path",
+        str(tmp_path / "data" / "t.duckdb"),
+        "--pipelines-dir",
+        str(tmp_path / "pl"),
+    ]
+    for app in sorted({t[0] for t in emu.targets()}):
+        args += ["--target", app]
+    done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "new" in done.stdout
+    assert SECRET not in done.stdout + done.stderr
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), f"secret written to {path}"
+    assert_equals_truth(duckdb_rows(str(tmp_path / "data" / "t.duckdb")), emu)
+
+
+def test_cli_usage_errors_exit_2_without_traceback(tmp_path):
+    cases = [
+        ["run", "--target", "a/b/c/d"],
+        ["run", "--target", "app/notafunction"],
+        ["run", "--target", "app", "--since", "yesterday-ish"],
+        ["run", "--target", "app", "--page-size", "0"],
+    ]
+    for argv in cases:
+        done = subprocess.run(
+            [sys.executable, "-m", "pipelines.cli", *argv],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=120,
+        )
+        assert done.returncode == 2, (argv, done.stderr)
+        assert "Traceback" not in done.stderr
+        assert done.stderr.strip().count("\n") == 0, done.stderr
+        assert done.stderr.startswith("error:"), done.stderr
