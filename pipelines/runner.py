@@ -118,9 +118,7 @@ class RunConfig:
     def models_db(self) -> str:
         if self.destination == "duckdb":
             return self.duckdb_path
-        return self.models_path or str(
-            Path(DEFAULT_DUCKDB_PATH).with_name("opensearch_parquet.duckdb")
-        )
+        return self.models_path or str(Path(DEFAULT_DUCKDB_PATH).with_name("opensearch_parquet.duckdb"))
 
 
 @dataclass

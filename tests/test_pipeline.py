@@ -93,7 +93,10 @@ def test_camel_and_pascal_bodies_give_identical_tables(make_emulator, tmp_path):
         assert_equals_truth(duckdb_rows(config.duckdb_path), emulator)
         ignored = {"_dlt_load_id", "_dlt_id", "fetched_at"}
         table = sorted(
-            (tuple(row[k] for k in KEY), sorted((k, repr(v)) for k, v in row.items() if k not in ignored))
+            (
+                tuple(row[k] for k in KEY),
+                sorted((k, repr(v)) for k, v in row.items() if k not in ignored),
+            )
             for row in duckdb_rows(config.duckdb_path)
         )
         tables.append(table)

@@ -114,9 +114,7 @@ def opensearch_tasks(
         since_ms=since_ms,
         until_ms=until_ms,
     )
-    resource = function_tasks(
-        client, specs, options, workers=workers, report=report or RunReport()
-    )
+    resource = function_tasks(client, specs, options, workers=workers, report=report or RunReport())
     resource.apply_hints(write_disposition=write_disposition)  # type: ignore[arg-type]
     return resource
 

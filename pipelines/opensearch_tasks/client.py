@@ -132,7 +132,9 @@ class Credentials:
             )
             return CredentialClient(config)
         if self.access_key_id or self.access_key_secret:
-            raise CredentialsError("incomplete credentials: set both access_key_id and access_key_secret")
+            raise CredentialsError(
+                "incomplete credentials: set both access_key_id and access_key_secret"
+            )
         chain = CredentialClient()
         try:
             chain.get_credential()
