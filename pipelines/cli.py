@@ -11,14 +11,16 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from pipelines.opensearch_tasks.client import OpenSearchError
 from pipelines.opensearch_tasks.settings import (
     DEFAULT_PAGE_SIZE,
     DEFAULT_REGION,
     DEFAULT_STALE_AFTER_HOURS,
+    MAX_PAGE_SIZE,
 )
 from pipelines.opensearch_tasks.targets import TargetError
 from pipelines.runner import DEFAULT_DUCKDB_PATH, RunConfig, RunError, RunResult, UsageError
@@ -83,8 +85,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_destination_args(run)
     run.add_argument("--since", help="backfill window start (does not move the cursor)")
     run.add_argument("--until", help="backfill window end (exclusive)")
-    run.add_argument("--full-refresh", action="store_true", help="drop the table and state, load all")
-    run.add_argument("--page-size", type=_positive_int, default=DEFAULT_PAGE_SIZE)
+    run.add_argument(
+        "--full-refresh",
+        action="store_true",
+        help="load everything again: DuckDB drops the table and cursors; Parquet forgets this "
+        "pipeline's cursors and appends (files are kept: other pipelines may share the folder)",
+    )
+    run.add_argument(
+        "--page-size",
+        type=_positive_int,
+        default=DEFAULT_PAGE_SIZE,
+        help="pageSize per request (default 100)",
+    )
+    run.add_argument(
+        "--max-page-size",
+        type=_positive_int,
+        default=MAX_PAGE_SIZE,
+        help=f"page size for deep histories, e.g. the first load (default {MAX_PAGE_SIZE})",
+    )
     run.add_argument("--workers", type=_positive_int, default=8, help="instances read concurrently")
     run.add_argument(
         "--stale-after-hours",
@@ -155,6 +173,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         until_ms=parse_time(args.until, "--until") if args.until else None,
         full_refresh=args.full_refresh,
         page_size=args.page_size,
+        max_page_size=args.max_page_size,
         workers=args.workers,
         stale_after_hours=args.stale_after_hours,
         lookback_hours=args.lookback_hours,
@@ -166,6 +185,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         config.pipeline_name = args.pipeline_name
     from pipelines.runner import run
 
+    config.on_progress = progress_printer()
     result = run(config)
     print(format_summary(result))
     if not result.report.ok:
@@ -178,6 +198,31 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
+
+
+def progress_printer() -> Callable[..., None]:
+    """A live one-line progress display on a terminal; plain log lines otherwise."""
+    if sys.stderr.isatty():
+
+        def draw(instance: Any, finished: int, planned: int) -> None:
+            end = "\n" if finished == planned else ""
+            sys.stderr.write(f"\r\x1b[2K[{finished}/{planned}] {instance.target}"[:120] + end)
+            sys.stderr.flush()
+
+        return draw
+
+    def log(instance: Any, finished: int, planned: int) -> None:
+        state = (
+            f"FAILED: {instance.error}"
+            if instance.error
+            else (
+                f"{instance.new} new, {instance.updated} updated, {instance.running} running, "
+                f"{instance.requests} requests, {instance.retries} retries, {instance.seconds:.2f}s"
+            )
+        )
+        logger.info("[%d/%d] %s: %s", finished, planned, instance.target, state)
+
+    return log
 
 
 def format_summary(result: RunResult) -> str:
@@ -207,12 +252,15 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     if args.destination == "parquet" and not args.parquet_dir:
         raise UsageError("--destination parquet needs --parquet-dir DIR")
+    from pipelines.storage import filesystem_for
+
     duckdb_path = args.duckdb_path or DEFAULT_DUCKDB_PATH
     built = build_models_in_file(
         duckdb_path,
         destination=args.destination,
         parquet_dir=args.parquet_dir,
         stale_after_hours=int(args.stale_after_hours),
+        filesystem=filesystem_for(args.parquet_dir) if args.destination == "parquet" else None,
     )
     print(f"built {len(built)} models in {duckdb_path}: {', '.join(built)}")
     return 0
@@ -220,8 +268,10 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from pipelines.report import print_report
+    from pipelines.storage import filesystem_for_models
 
-    print_report(args.duckdb_path)
+    # Models over s3:// Parquet need the bucket's filesystem, configured like the loader's.
+    print_report(args.duckdb_path, filesystem=filesystem_for_models(args.duckdb_path))
     return 0
 
 

@@ -16,15 +16,17 @@ import contextlib
 import fcntl
 import logging
 import os
+import re
+import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import dlt
 import duckdb
-from dlt.common.pipeline import LoadInfo
+from dlt.common.pipeline import LoadInfo, get_dlt_pipelines_dir
 
 from pipelines.opensearch_tasks import RunReport, opensearch_tasks
 from pipelines.opensearch_tasks.settings import (
@@ -74,14 +76,17 @@ class RunConfig:
     until_ms: int | None = None
     full_refresh: bool = False
     page_size: int = DEFAULT_PAGE_SIZE
+    max_page_size: int = MAX_PAGE_SIZE
     workers: int = 8
     stale_after_hours: float = DEFAULT_STALE_AFTER_HOURS
     lookback_hours: float = 0
     max_attempts: int = 6
+    read_timeout_ms: int = 30_000
     build_models: bool = True
     pipeline_name: str = PIPELINE_NAME
     pipelines_dir: str | None = None
     credentials: dict[str, str | None] = field(default_factory=dict, repr=False)
+    on_progress: Callable[..., None] | None = field(default=None, repr=False)
 
     def validate(self) -> None:
         if self.destination not in ("duckdb", "parquet"):
@@ -90,6 +95,10 @@ class RunConfig:
             raise UsageError("--destination parquet needs --parquet-dir DIR (or s3://BUCKET/PREFIX)")
         if not 1 <= self.page_size <= MAX_PAGE_SIZE:
             raise UsageError(f"--page-size must be between 1 and {MAX_PAGE_SIZE}, got {self.page_size}")
+        if not 1 <= self.max_page_size <= MAX_PAGE_SIZE:
+            raise UsageError(
+                f"--max-page-size must be between 1 and {MAX_PAGE_SIZE}, got {self.max_page_size}"
+            )
         if not 1 <= self.workers <= 64:
             raise UsageError(f"--workers must be between 1 and 64, got {self.workers}")
         if self.since_ms is not None and self.until_ms is not None and self.since_ms >= self.until_ms:
@@ -140,6 +149,9 @@ def make_destination(config: RunConfig) -> Any:
         _ensure_writable_dir(path.parent, "--duckdb-path")
         return dlt.destinations.duckdb(str(path))
     if config.is_remote:
+        from pipelines.storage import filesystem_config
+
+        filesystem_config(str(config.parquet_dir))  # fail fast, in one line, on a missing key
         return dlt.destinations.filesystem(bucket_url=str(config.parquet_dir))
     directory = Path(str(config.parquet_dir)).resolve()
     _ensure_writable_dir(directory, "--parquet-dir")
@@ -217,9 +229,31 @@ def _lock_path(config: RunConfig) -> Path:
     return Path(str(config.parquet_dir)).resolve() / ".opensearch_tasks.run.lock"
 
 
+def _pipeline_lock_path(config: RunConfig) -> Path:
+    """One run at a time per dlt working folder too: two destinations sharing a pipeline name would
+    otherwise drop each other's state (make_pipeline) and leftovers (finish_pending)."""
+    base = Path(config.pipelines_dir or get_dlt_pipelines_dir()).resolve()
+    return base / f".{config.pipeline_name}.pipeline.lock"
+
+
+# dlt extracts into normalize/<random hex>/ and renames it to normalize/extracted/ when done: a
+# folder of that shape outside a run is what a killed extraction left (safe to delete under the lock).
+_EXTRACT_FOLDER = re.compile(r"[0-9a-f]{8,32}")
+
+
+def _remove_killed_extractions(pipeline: dlt.Pipeline) -> None:
+    folder = Path(pipeline.working_dir) / "normalize"
+    leftovers = [p for p in folder.glob("*") if p.is_dir() and _EXTRACT_FOLDER.fullmatch(p.name)]
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
+    if leftovers:
+        logger.warning("removed %d unfinished extraction(s) left by an interrupted run", len(leftovers))
+
+
 def finish_pending(pipeline: dlt.Pipeline, config: RunConfig) -> dlt.Pipeline:
     """Complete what a killed run left behind; if it cannot be completed, drop it *and* the local
     state it carried, so the cursor falls back to what the destination really holds."""
+    _remove_killed_extractions(pipeline)
     if not pipeline.has_pending_data:
         return pipeline
     logger.warning("completing load packages left by an interrupted run")
@@ -228,7 +262,7 @@ def finish_pending(pipeline: dlt.Pipeline, config: RunConfig) -> dlt.Pipeline:
         pipeline.load()
     except Exception as error:
         logger.warning("could not complete them (%s): dropping them and the local state", error)
-        pipeline.drop_pending_packages()
+        pipeline.abort_packages()
         pipeline.drop()
         return make_pipeline(config)
     return pipeline
@@ -238,14 +272,24 @@ def run(config: RunConfig) -> RunResult:
     """Load the targets into the destination, then build the models. Raises UsageError / RunError."""
     config.validate()
     started = time.perf_counter()
-    with exclusive_lock(_lock_path(config), config.destination_url().split(":", 1)[1]):
+    with (
+        exclusive_lock(_lock_path(config), config.destination_url().split(":", 1)[1]),
+        exclusive_lock(
+            _pipeline_lock_path(config),
+            f"the dlt pipeline {config.pipeline_name!r} (to load two destinations at once, give "
+            "each its own --pipeline-name)",
+        ),
+    ):
         if config.destination == "duckdb":
             check_duckdb_writable(str(Path(config.duckdb_path).resolve()))
         pipeline = make_pipeline(config)
         pipeline = finish_pending(pipeline, config)
-        report = RunReport()
+        report = RunReport(on_progress=config.on_progress)
         source = build_source(config, report)
         refresh = "drop_sources" if config.full_refresh else None
+        if config.full_refresh and config.destination == "parquet":
+            forget_cursors(pipeline, source.name)
+            refresh = None
         load_info = pipeline.run(
             source,
             loader_file_format="parquet",
@@ -258,11 +302,24 @@ def run(config: RunConfig) -> RunResult:
     return result
 
 
+def forget_cursors(pipeline: dlt.Pipeline, source_name: str) -> None:
+    """Full refresh into Parquet: forget this pipeline's cursors but keep every file.
+
+    A Parquet folder or bucket may be shared by several pipelines (one per app group); dropping the
+    table would delete their files while their cursors skip that data for good. The reloaded rows
+    carry a newer ``_dlt_load_id``, so the staging model keeps them as each task's newest version.
+    """
+    pipeline.sync_destination()  # an empty working folder first restores the cursors it resets
+    with pipeline.managed_state() as state:
+        state.get("sources", {}).pop(source_name, None)
+
+
 def build_source(config: RunConfig, report: RunReport) -> Any:
     kwargs: dict[str, Any] = {
         "endpoint": config.endpoint,
         "region": config.region,
         "page_size": config.page_size,
+        "max_page_size": max(config.max_page_size, config.page_size),
         "workers": config.workers,
         "stale_after_hours": config.stale_after_hours,
         "lookback_hours": config.lookback_hours,
@@ -270,6 +327,7 @@ def build_source(config: RunConfig, report: RunReport) -> Any:
         "until_ms": config.until_ms,
         "write_disposition": "merge" if config.destination == "duckdb" else "append",
         "max_attempts": config.max_attempts,
+        "read_timeout_ms": config.read_timeout_ms,
         "report": report,
     }
     if config.targets:
@@ -287,9 +345,12 @@ def build_models_for(config: RunConfig) -> list[str]:
         return build_models_in_file(
             config.duckdb_path, destination="duckdb", stale_after_hours=int(config.stale_after_hours)
         )
+    from pipelines.storage import filesystem_for
+
     return build_models_in_file(
         config.models_db(),
         destination="parquet",
         parquet_dir=str(config.parquet_dir),
         stale_after_hours=int(config.stale_after_hours),
+        filesystem=filesystem_for(config.parquet_dir),
     )

@@ -219,7 +219,7 @@ class Verifier:
         )
         to_sign = f"{ACS3}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
         expected = hmac.new(cred.secret.encode(), to_sign.encode(), hashlib.sha256).hexdigest()
-        if not hmac.compare_digest(expected, signature):
+        if not hmac.compare_digest(expected.encode(), signature.encode()):
             raise AuthError(
                 400,
                 "SignatureDoesNotMatch",
@@ -256,7 +256,7 @@ class Verifier:
         )
         to_sign = f"{head}\n{canon_headers}{roa_canonical_resource(raw_path, query)}"
         digest = hmac.new(cred.secret.encode(), to_sign.encode(), hashlib.sha1).digest()
-        if not hmac.compare_digest(base64.b64encode(digest).decode(), signature):
+        if not hmac.compare_digest(base64.b64encode(digest), signature.encode()):
             raise AuthError(
                 400,
                 "SignatureDoesNotMatch",

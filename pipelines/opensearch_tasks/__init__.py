@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +38,7 @@ from pipelines.opensearch_tasks.settings import (
     DEFAULT_PAGE_SIZE,
     DEFAULT_REGION,
     DEFAULT_STALE_AFTER_HOURS,
+    MAX_PAGE_SIZE,
     PRIMARY_KEY,
     TABLE_NAME,
 )
@@ -56,6 +57,9 @@ class RunReport:
     failures: list[str] = field(default_factory=list)
     requests: int = 0
     retries: int = 0
+    planned: int = 0
+    # Called after each instance with (finished, planned): the CLI draws a progress line with it.
+    on_progress: Callable[[InstanceReport, int, int], None] | None = field(default=None, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -71,6 +75,7 @@ def opensearch_tasks(
     access_key_secret: TSecretStrValue | None = dlt.secrets.value,
     security_token: TSecretStrValue | None = dlt.secrets.value,
     page_size: int = DEFAULT_PAGE_SIZE,
+    max_page_size: int = MAX_PAGE_SIZE,
     workers: int = 8,
     stale_after_hours: float = DEFAULT_STALE_AFTER_HOURS,
     lookback_hours: float = 0,
@@ -78,6 +83,7 @@ def opensearch_tasks(
     until_ms: int | None = None,
     write_disposition: str = "merge",
     max_attempts: int = 6,
+    read_timeout_ms: int = 30_000,
     report: RunReport | None = None,
 ) -> DltResource:
     """OpenSearch training tasks of the given targets, incrementally.
@@ -89,12 +95,15 @@ def opensearch_tasks(
         access_key_id / access_key_secret / security_token: explicit credentials; when absent,
             Alibaba Cloud's default chain is used (``ALIBABA_CLOUD_ACCESS_KEY_ID`` ..., profile, RAM role).
         page_size: ``pageSize`` sent to ListFunctionTasks (the API's own default is 1).
+        max_page_size: a deep history (more tasks than one page) is read with pages this large;
+            incremental runs never need it. Set it equal to ``page_size`` to page by one size.
         workers: instances read concurrently (requests in flight at most).
         stale_after_hours: an open task older than this stops holding the cursor back.
         lookback_hours: re-read this much history before the cursor on every run.
         since_ms / until_ms: a backfill window (epoch ms); it does not move the stored cursor.
         write_disposition: ``merge`` (DuckDB) or ``append`` (Parquet; staging keeps the newest).
         max_attempts: attempts per request before an instance fails.
+        read_timeout_ms: how long to wait for a response before retrying the request.
         report: filled with per-instance counts and failures (used by the CLI).
 
     Returns:
@@ -106,9 +115,11 @@ def opensearch_tasks(
         endpoint=endpoint,
         region=region,
         retry=RetryPolicy(max_attempts=max_attempts),
+        read_timeout_ms=read_timeout_ms,
     )
     options = ReadOptions(
         page_size=page_size,
+        max_page_size=max_page_size,
         stale_after_ms=int(stale_after_hours * 3_600_000),
         lookback_ms=int(lookback_hours * 3_600_000),
         since_ms=since_ms,
@@ -149,6 +160,7 @@ def function_tasks(
                 except queue.Full:
                     continue
 
+        requests_before, retries_before = client.thread_counts()
         try:
             cursor = InstanceCursor.from_state(cursors.get(target.key))
             result = read_instance(client, target, cursor, options, kinds, emit)
@@ -157,12 +169,16 @@ def function_tasks(
         except Exception as error:  # a bug must fail this instance loudly, never hang the run
             logger.debug("%s: unexpected error", target, exc_info=True)
             result = InstanceReport(target, error=f"unexpected {type(error).__name__}: {error}")
+        if result.error:  # the summary of a failed instance still shows what it tried
+            requests_after, retries_after = client.thread_counts()
+            result.requests = requests_after - requests_before
+            result.retries = retries_after - retries_before
         pages.put(("done", result))
 
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="opensearch") as pool:
         for target in targets:
             pool.submit(work, target)
-        remaining = len(targets)
+        remaining = report.planned = len(targets)
         try:
             while remaining:
                 kind, payload = pages.get()
@@ -171,6 +187,8 @@ def function_tasks(
                     continue
                 remaining -= 1
                 _finish_instance(payload, cursors, report)
+                if report.on_progress is not None:
+                    report.on_progress(payload, len(report.instances), report.planned)
         finally:
             stop.set()
     report.requests = client.stats.requests
@@ -185,7 +203,7 @@ def _finish_instance(result: InstanceReport, cursors: dict[str, Any], report: Ru
         return
     if result.cursor is not None:
         cursors[result.target.key] = result.cursor.to_state()
-    logger.info(
+    logger.debug(
         "%s: %d new, %d updated, %d running, %d requests, %.2fs",
         result.target,
         result.new,

@@ -14,6 +14,7 @@ the SDK's exception (whose request object holds the signed headers and STS token
 from __future__ import annotations
 
 import logging
+import os
 import random
 import threading
 import time
@@ -135,6 +136,13 @@ class Credentials:
             raise CredentialsError(
                 "incomplete credentials: set both access_key_id and access_key_secret"
             )
+        env_id = os.environ.get("ALIBABA_CLOUD_ACCESS_KEY_ID")
+        env_secret = os.environ.get("ALIBABA_CLOUD_ACCESS_KEY_SECRET")
+        if env_id and env_secret:
+            # alibabacloud-credentials reads these once, when it is imported: read them now, so that
+            # a notebook or a DAG task that sets them after importing us is not told "no credentials".
+            token = os.environ.get("ALIBABA_CLOUD_SECURITY_TOKEN") or None
+            return Credentials(env_id, env_secret, token).provider()
         chain = CredentialClient()
         try:
             chain.get_credential()
@@ -302,14 +310,39 @@ class OpenSearchClient:
             retryable = code in RETRYABLE_CODES or status == 429 or (status or 0) >= 500
             raise _api_error(what, exc, retryable=retryable) from None
         except UnretryableException as exc:
-            inner = getattr(exc, "inner_exception", None)
-            reason = type(inner).__name__ if inner is not None else "connection error"
-            raise OpenSearchError(what, message=f"transport error ({reason})", retryable=True) from None
+            reason, retryable = transport_reason(getattr(exc, "inner_exception", None) or exc)
+            raise OpenSearchError(what, message=reason, retryable=retryable) from None
         except Exception as exc:  # the SDK's transport raises plain requests/urllib3 errors too
-            raise OpenSearchError(
-                what, message=f"transport error ({type(exc).__name__})", retryable=True
-            ) from None
+            reason, retryable = transport_reason(exc)
+            raise OpenSearchError(what, message=reason, retryable=retryable) from None
         return _parse_body(response.get("body"), response.get("statusCode"), what)
+
+
+# Transport failures, recognised from the text of the SDK's wrapped requests/urllib3 error (the SDK keeps
+# only the text). Only our own words go into the message: never the SDK's text, which names the URL.
+_TRANSPORT_REASONS: tuple[tuple[tuple[str, ...], str, bool], ...] = (
+    (
+        ("CERTIFICATE_VERIFY_FAILED", "certificate verify failed", "hostname mismatch"),
+        "TLS certificate verification failed (certificate checks stay on; fix the endpoint or its "
+        "certificate, or set REQUESTS_CA_BUNDLE to your CA bundle)",
+        False,
+    ),
+    (("SSLError", "SSL:", "TLS"), "TLS error", True),
+    (("Read timed out", "timed out"), "timed out waiting for the server", True),
+    (("Connection refused",), "connection refused", True),
+    (("Name or service not known", "nodename nor servname", "Failed to resolve"), "unknown host", True),
+    (("IncompleteRead", "Connection broken"), "connection closed mid-response", True),
+    (("Connection aborted", "RemoteDisconnected", "reset by peer"), "connection closed by the server", True),
+)
+
+
+def transport_reason(exc: BaseException) -> tuple[str, bool]:
+    """(a safe one-phrase reason, retryable) for a transport failure."""
+    text = f"{getattr(exc, 'message', '')} {exc!s}"
+    for needles, reason, retryable in _TRANSPORT_REASONS:
+        if any(needle in text for needle in needles):
+            return f"transport error: {reason}", retryable
+    return f"transport error ({type(exc).__name__})", True
 
 
 def _api_error(what: str, exc: Exception, *, retryable: bool) -> OpenSearchError:
@@ -346,6 +379,8 @@ def _parse_body(raw: Any, status: int | None, what: str) -> dict[str, Any]:
             status=status,
             request_id=body.get("requestId") or body.get("RequestId"),
             message=body.get("message") or body.get("Message"),
-            retryable=str(code) in RETRYABLE_CODES,
+            # An error code inside a 200 is an anomaly of the backend (e.g. Task.IsRunning on a
+            # listing): retried, bounded, unless it is a known permanent code.
+            retryable=str(code) not in AUTH_CODE_HINTS,
         )
     return body

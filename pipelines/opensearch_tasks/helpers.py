@@ -23,8 +23,8 @@ from pipelines.opensearch_tasks.records import (
     Target,
     TaskBatch,
     pick,
+    read_page,
     result_items,
-    task_record,
     total_count,
 )
 from pipelines.opensearch_tasks.settings import KNOWN_FUNCTIONS
@@ -58,6 +58,7 @@ class InstanceReport:
 class ReadOptions:
     page_size: int
     stale_after_ms: int
+    max_page_size: int = 1000  # deep histories (backfills) are read with pages this large
     lookback_ms: int = 0
     since_ms: int | None = None  # backfill window: read from here, do not move the cursor
     until_ms: int | None = None
@@ -132,29 +133,36 @@ def read_instance(
         update.unit = unit
     fetched_at_us = int(time.time() * 1_000_000)
     seen: set[str] = set()
-    batch = TaskBatch(kinds)
+    reread: set[str] = set()  # page 1, read again after the page size grew (not drift)
+    batch = TaskBatch(kinds, target, fetched_at_us)
+    size, can_grow, first_total = options.page_size, options.max_page_size > options.page_size, None
     page_number = 0
     while True:
         page_number += 1
-        body = list_tasks_page(client, target, page_number, options.page_size, start_filter)
+        body = list_tasks_page(client, target, page_number, size, start_filter)
         items = result_items(body)
-        for item in items:
-            record, flat, was_seconds = task_record(item, target, fetched_at_us)
-            run_id, start_ms = record["run_id"], record["start_time_ms"]
-            if run_id in seen:  # the page shifted under us: first read wins
-                report.duplicates_skipped += 1
+        total = total_count(body)
+        if first_total is None:
+            first_total = total
+        page = read_page(items, target)
+        keep: list[int] = []
+        for index, run_id in enumerate(page.run_id):
+            if run_id in seen:
+                if run_id in reread:
+                    reread.discard(run_id)
+                else:  # the page shifted under us (tasks started while we paged): first read wins
+                    report.duplicates_skipped += 1
                 continue
             seen.add(run_id)
-            if was_seconds and not report.seconds_unit:
-                report.seconds_unit = True
-                logger.warning("%s: timestamps are in seconds; converting to milliseconds", target)
-            if window is not None and start_ms is not None and start_ms < window:
-                continue  # a lenient server ignored the filter
-            if options.until_ms is not None and start_ms is not None and start_ms >= options.until_ms:
-                continue
+            start_ms, status = page.start_ms[index], page.status[index]
+            if start_ms is not None:
+                if window is not None and start_ms < window:
+                    continue  # a lenient server ignored the filter
+                if options.until_ms is not None and start_ms >= options.until_ms:
+                    continue
             if not backfill:
-                update.see(run_id, start_ms, record["status"], was_seconds)
-            if record["status"] == "running":
+                update.see(run_id, start_ms, status, page.seconds[index])
+            if status == "running":
                 report.running += 1
             if not backfill and not options.lookback_ms and cursor.is_known_final(run_id, start_ms):
                 continue
@@ -162,15 +170,36 @@ def read_instance(
                 report.new += 1
             elif run_id in cursor.open:
                 report.updated += 1
-            batch.add(record, flat)
-            if len(batch) >= options.batch_rows:
-                report.rows_written += len(batch)
-                emit(batch.to_arrow())
-                batch = TaskBatch(kinds)
-        if len(items) < options.page_size:
+            keep.append(index)
+        if not report.seconds_unit and any(page.seconds):
+            report.seconds_unit = True
+            logger.warning("%s: timestamps are in seconds; converting to milliseconds", target)
+        batch.add_page(page, keep)
+        if len(batch) >= options.batch_rows:
+            report.rows_written += len(batch)
+            emit(batch.to_arrow())
+            batch = TaskBatch(kinds, target, fetched_at_us)
+        if len(items) < size:
+            if first_total is not None and len(seen) < first_total and size != options.page_size:
+                # Fewer tasks than the server counted: it capped the larger page size. Read again
+                # with the configured size (already-kept rows are skipped as seen).
+                logger.warning(
+                    "%s: server returned short pages of %d; paging by %d",
+                    target,
+                    len(items),
+                    options.page_size,
+                )
+                size, can_grow, page_number = options.page_size, False, 0
+                reread = set(seen)
+                continue
             break
-        total = total_count(body)
-        if total is not None and page_number * options.page_size >= total + options.page_size:
+        if can_grow and page_number == 1 and total is not None and total > size:
+            # A deep history: read it with large pages (an incremental run never gets here, its
+            # first page is short). Page 1 is read again as part of the first large page.
+            reread = set(seen)
+            size, can_grow, page_number = options.max_page_size, False, 0
+            continue
+        if total is not None and page_number * size >= total + size:
             break  # defensive: never page past what the server says exists
     if len(batch):
         report.rows_written += len(batch)

@@ -14,13 +14,13 @@ flattening of ``extendInfo`` are decided in one place:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 from dlt.common.normalizers.naming.snake_case import NamingConvention
 
 from pipelines.opensearch_tasks.settings import EXTEND_INFO_PREFIX, SECONDS_THRESHOLD
@@ -112,22 +112,46 @@ def to_epoch_ms(value: Any) -> tuple[int | None, bool]:
     return number, False
 
 
-@lru_cache(maxsize=65_536)
+# prefix column -> raw key -> flattened column name; names are few, so this stays tiny.
+_COLUMN_NAMES: dict[str, dict[str, str]] = {}
+_ROOT = EXTEND_INFO_PREFIX.rstrip("_")
+
+
 def column_for_path(path: tuple[str, ...]) -> str:
     """``("metrics", "hitRate")`` -> ``extend_info__metrics__hit_rate`` (dlt's snake_case rules)."""
-    return EXTEND_INFO_PREFIX + "__".join(_NAMING.normalize_identifier(part) or "_" for part in path)
+    column = _ROOT
+    for part in path:
+        column = _child_column(column, part)
+    return column
 
 
-def _flatten(obj: Mapping[str, Any], prefix: tuple[str, ...], out: dict[str, Any]) -> None:
+def _child_column(prefix: str, key: str) -> str:
+    names = _COLUMN_NAMES.get(prefix)
+    if names is None:
+        names = _COLUMN_NAMES[prefix] = {}
+    column = names.get(key)
+    if column is None:
+        column = names[key] = f"{prefix}__{_NAMING.normalize_identifier(key) or '_'}"
+    return column
+
+
+def _flatten(obj: Mapping[str, Any], prefix: str, out: dict[str, Any]) -> None:
+    """Hot path: exact type checks and cached names (no tuples, no isinstance chains)."""
+    names = _COLUMN_NAMES.get(prefix)
+    if names is None:
+        names = _COLUMN_NAMES[prefix] = {}
     for key, value in obj.items():
-        path = (*prefix, str(key))
-        if isinstance(value, dict):
+        column = names.get(key)
+        if column is None:
+            column = _child_column(prefix, str(key))
+        kind = type(value)
+        if kind is dict:
             if value:
-                _flatten(value, path, out)
-        elif isinstance(value, list):
-            out[column_for_path(path)] = orjson.dumps(value).decode()
+                _flatten(value, column, out)
+        elif kind is list:
+            out[column] = orjson.dumps(value).decode()
         elif value is not None:
-            out[column_for_path(path)] = value
+            out[column] = value
 
 
 def parse_extend_info(raw: Any) -> tuple[dict[str, Any], bool]:
@@ -139,7 +163,7 @@ def parse_extend_info(raw: Any) -> tuple[dict[str, Any], bool]:
         return {}, False
     if isinstance(raw, dict):  # a lenient server sent an object instead of a string
         flat: dict[str, Any] = {}
-        _flatten(raw, (), flat)
+        _flatten(raw, _ROOT, flat)
         return flat, False
     if not isinstance(raw, str):
         return {}, True
@@ -150,7 +174,7 @@ def parse_extend_info(raw: Any) -> tuple[dict[str, Any], bool]:
     if not isinstance(parsed, dict):
         return {}, True
     flat = {}
-    _flatten(parsed, (), flat)
+    _flatten(parsed, _ROOT, flat)
     return flat, False
 
 
@@ -197,34 +221,152 @@ class ColumnKinds:
         return variant, kind
 
 
-@dataclass
-class TaskBatch:
-    """Column lists for a batch of tasks of one target, turned into one Arrow table."""
+_KIND_OF_TYPE: dict[type, str] = {float: "double", int: "double", bool: "bool", str: "text"}
 
-    kinds: ColumnKinds
-    core: dict[str, list[Any]] = field(default_factory=lambda: {n: [] for n in CORE_NAMES})
-    extra: dict[str, list[Any]] = field(default_factory=dict)
-    rows: int = 0
+
+@dataclass
+class PageColumns:
+    """One page of raw tasks, column by column (both casings), before any row is kept or dropped.
+
+    Columnar on purpose: list comprehensions over a page cost a fraction of per-task dict building,
+    and this is the connector's hot path (see benchmarks/).
+    """
+
+    run_id: list[str]
+    generation: list[str | None]
+    status: list[str | None]
+    progress: list[int | None]
+    start_ms: list[int | None]
+    end_ms: list[int | None]
+    extend_info: list[str | None]
+    seconds: list[bool]
 
     def __len__(self) -> int:
-        return self.rows
+        return len(self.run_id)
 
-    def add(self, record: dict[str, Any], flat: Mapping[str, Any]) -> None:
-        for name in CORE_NAMES:
-            self.core[name].append(record[name])
-        for column, value in flat.items():
-            placed, kind = self.kinds.place(column, value)
-            values = self.extra.get(placed)
-            if values is None:
-                values = self.extra[placed] = [None] * self.rows
-            values.append(float(value) if kind == "double" else value)
-        self.rows += 1
-        for values in self.extra.values():
-            if len(values) < self.rows:
-                values.append(None)
+
+def _column(items: list[dict[str, Any]], camel: str, pascal: str) -> list[Any]:
+    values = [item.get(camel) for item in items]
+    if None in values:  # PascalCase (or absent) for some items
+        values = [
+            v if v is not None else item.get(pascal) for v, item in zip(values, items, strict=True)
+        ]
+    return values
+
+
+def _epoch_ms(values: list[Any]) -> tuple[list[int | None], list[bool]]:
+    converted = [to_epoch_ms(v) for v in values]
+    return [ms for ms, _ in converted], [was_s for _, was_s in converted]
+
+
+def read_page(items: list[dict[str, Any]], target: Target) -> PageColumns:
+    """Raw ``result`` items -> columns. Raises ``RecordError`` for an item without a usable key."""
+    run_ids = _column(items, "runId", "RunId")
+    generations = _column(items, "generation", "Generation")
+    if None in run_ids or "" in run_ids:
+        # Keyless tasks are keyed by generation (GetFunctionTask's own key); neither: cannot be keyed.
+        for index, (run_id, generation) in enumerate(zip(run_ids, generations, strict=True)):
+            if run_id in (None, ""):
+                if generation in (None, ""):
+                    raise RecordError(
+                        f"{target}: a task with neither runId nor generation: "
+                        f"{orjson.dumps(items[index])[:200]!r}"
+                    )
+                run_ids[index] = f"generation:{generation}"
+    statuses = [str(v).lower() if v is not None else None for v in _column(items, "status", "Status")]
+    starts, start_s = _epoch_ms(_column(items, "startTime", "StartTime"))
+    ends, end_s = _epoch_ms(_column(items, "endTime", "EndTime"))
+    ends = [None if st == "running" else e for e, st in zip(ends, statuses, strict=True)]
+    progress = [int(v) if v is not None else None for v in _column(items, "progress", "Progress")]
+    raw = [raw_extend_info(v) for v in _column(items, "extendInfo", "ExtendInfo")]
+    return PageColumns(
+        run_id=[str(r) for r in run_ids],
+        generation=[str(g) if g is not None else None for g in generations],
+        status=statuses,
+        progress=progress,
+        start_ms=starts,
+        end_ms=ends,
+        extend_info=raw,
+        seconds=[a or b for a, b in zip(start_s, end_s, strict=True)],
+    )
+
+
+@dataclass
+class TaskBatch:
+    """Rows of one target, kept column by column, turned into one Arrow table."""
+
+    kinds: ColumnKinds
+    target: Target
+    fetched_at_us: int
+    run_id: list[str] = field(default_factory=list)
+    generation: list[str | None] = field(default_factory=list)
+    status: list[str | None] = field(default_factory=list)
+    progress: list[int | None] = field(default_factory=list)
+    start_ms: list[int | None] = field(default_factory=list)
+    end_ms: list[int | None] = field(default_factory=list)
+    extend_info: list[str | None] = field(default_factory=list)
+    malformed: list[bool] = field(default_factory=list)
+    seconds: list[bool] = field(default_factory=list)
+    extra: dict[str, list[Any]] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.run_id)
+
+    def add_page(self, page: PageColumns, keep: list[int]) -> None:
+        """Append the rows of ``page`` at indices ``keep``, flattening their ``extendInfo``."""
+        base = len(self.run_id)
+        for name in ("run_id", "generation", "status", "progress", "start_ms", "end_ms", "seconds"):
+            source = getattr(page, name)
+            getattr(self, name).extend([source[i] for i in keep])
+        raws = [page.extend_info[i] for i in keep]
+        self.extend_info.extend(raws)
+        extra, kinds = self.extra, self.kinds.kinds
+        size = base + len(keep)
+        for values in extra.values():  # room for this page's rows: assigned by index below
+            values.extend([None] * (size - len(values)))
+        malformed = self.malformed
+        for offset, raw in enumerate(raws):
+            flat, bad = parse_extend_info(raw)
+            malformed.append(bad)
+            row = base + offset
+            for column, value in flat.items():
+                kind = _KIND_OF_TYPE.get(type(value), "text")
+                if kinds.setdefault(column, kind) != kind:
+                    column, kind = self.kinds.place(column, value)
+                values = extra.get(column)
+                if values is None:
+                    values = extra[column] = [None] * size
+                values[row] = float(value) if kind == "double" else value
 
     def to_arrow(self) -> pa.Table:
-        arrays = [pa.array(self.core[f.name], type=f.type) for f in CORE_SCHEMA]
+        n = len(self.run_id)
+        start_ms = pa.array(self.start_ms, type=pa.int64())
+        end_ms = pa.array(self.end_ms, type=pa.int64())
+        micros = pa.scalar(1000, pa.int64())
+        duration = [
+            (e - s) / 1000 if e is not None and s is not None else None
+            for s, e in zip(self.start_ms, self.end_ms, strict=True)
+        ]
+        target = self.target
+        columns: dict[str, pa.Array] = {
+            "app_group": pa.array([target.app_group] * n, pa.string()),
+            "function_name": pa.array([target.function_name] * n, pa.string()),
+            "instance_name": pa.array([target.instance_name] * n, pa.string()),
+            "run_id": pa.array(self.run_id, pa.string()),
+            "generation": pa.array(self.generation, pa.string()),
+            "status": pa.array(self.status, pa.string()),
+            "progress": pa.array(self.progress, pa.int64()),
+            "start_time_ms": start_ms,
+            "end_time_ms": end_ms,
+            "start_time": pc.multiply(start_ms, micros).view(UTC_TIMESTAMP),
+            "end_time": pc.multiply(end_ms, micros).view(UTC_TIMESTAMP),
+            "duration_seconds": pa.array(duration, pa.float64()),
+            "extend_info": pa.array(self.extend_info, pa.string()),
+            "is_extend_info_malformed": pa.array(self.malformed, pa.bool_()),
+            "source_time_unit": pa.array(["s" if s else "ms" for s in self.seconds], pa.string()),
+            "fetched_at": pa.array([self.fetched_at_us] * n, pa.int64()).view(UTC_TIMESTAMP),
+        }
+        arrays = [columns[f.name] for f in CORE_SCHEMA]
         fields = list(CORE_SCHEMA)
         for name in sorted(self.extra):
             fields.append(pa.field(name, _KIND_TYPES[self.kinds.kinds[name]]))
@@ -232,55 +374,11 @@ class TaskBatch:
         return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
 
-def task_record(
-    item: Mapping[str, Any], target: Target, fetched_at_us: int
-) -> tuple[dict[str, Any], dict[str, Any], bool]:
-    """One raw task -> (core record, flattened extendInfo, times_were_seconds).
-
-    Raises ``RecordError`` only for a task without a run id (it cannot be keyed).
-    """
-    run_id = pick(item, "runId", "RunId")
-    if run_id is None or run_id == "":
-        raise RecordError(f"{target}: a task without runId: {orjson.dumps(item)[:200]!r}")
-    start_ms, start_was_s = to_epoch_ms(pick(item, "startTime", "StartTime"))
-    end_ms, end_was_s = to_epoch_ms(pick(item, "endTime", "EndTime"))
-    status = pick(item, "status", "Status")
-    status = str(status).lower() if status is not None else None
-    if status == "running":
-        end_ms = None
-    progress = pick(item, "progress", "Progress")
-    generation = pick(item, "generation", "Generation")
-    raw = raw_extend_info(pick(item, "extendInfo", "ExtendInfo"))
-    flat, malformed = parse_extend_info(raw)
-    record = {
-        "app_group": target.app_group,
-        "function_name": target.function_name,
-        "instance_name": target.instance_name,
-        "run_id": str(run_id),
-        "generation": str(generation) if generation is not None else None,
-        "status": status,
-        "progress": int(progress) if progress is not None else None,
-        "start_time_ms": start_ms,
-        "end_time_ms": end_ms,
-        "start_time": start_ms * 1000 if start_ms is not None else None,
-        "end_time": end_ms * 1000 if end_ms is not None else None,
-        "duration_seconds": (
-            (end_ms - start_ms) / 1000 if end_ms is not None and start_ms is not None else None
-        ),
-        "extend_info": raw,
-        "is_extend_info_malformed": malformed,
-        "source_time_unit": "s" if (start_was_s or end_was_s) else "ms",
-        "fetched_at": fetched_at_us,
-    }
-    return record, flat, start_was_s or end_was_s
-
-
 def records_to_table(
-    items: Iterable[Mapping[str, Any]], target: Target, fetched_at_us: int, kinds: ColumnKinds
+    items: list[dict[str, Any]], target: Target, fetched_at_us: int, kinds: ColumnKinds
 ) -> pa.Table:
-    """Convenience for tests and one-off use: raw tasks -> one Arrow table."""
-    batch = TaskBatch(kinds)
-    for item in items:
-        record, flat, _ = task_record(item, target, fetched_at_us)
-        batch.add(record, flat)
+    """Raw tasks -> one Arrow table, every item kept (tests and one-off use)."""
+    page = read_page(items, target)
+    batch = TaskBatch(kinds, target, fetched_at_us)
+    batch.add_page(page, list(range(len(page))))
     return batch.to_arrow()
