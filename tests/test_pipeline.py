@@ -323,3 +323,11 @@ def test_deep_history_is_read_with_larger_pages_and_drift_still_holds(make_emula
     emu.clear_faults()
     run_ok(config)
     assert_equals_truth(duckdb_rows(config.duckdb_path), emu)
+
+
+def test_a_server_that_caps_the_page_size_loses_nothing(make_emulator, tmp_path):
+    emu = make_emulator(keys={AK: SECRET}, app_groups=1, functions_per_group=1, tasks_per_instance=200)
+    emu.cap_page_size(30)  # we ask for 1000 on the first load; the server answers 30 at most
+    config = config_for(emu, tmp_path, page_size=25, max_page_size=1000)
+    run_ok(config)
+    assert_equals_truth(duckdb_rows(config.duckdb_path), emu)

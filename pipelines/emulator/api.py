@@ -94,6 +94,8 @@ class Service:
 
     def __init__(self, world: World) -> None:
         self.world = world
+        # A quirk some servers have: a larger pageSize is silently capped (None: no cap).
+        self.max_page_size: int | None = None
 
     def instance_style(self, route: Route) -> bool:
         """Whether errors/bodies of this route are PascalCase."""
@@ -162,6 +164,8 @@ class Service:
 
     def _tasks(self, inst: Instance, query: dict[str, str], request_id: str) -> bytes:
         number, size = self._page(query, 1)
+        if self.max_page_size is not None:
+            size = min(size, self.max_page_size)
         start_after = _int_param(query, "startTime", None, 0)
         end_before = _int_param(query, "endTime", None, 0)
         status = query.get("status") or None

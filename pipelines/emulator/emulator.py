@@ -196,6 +196,10 @@ class Emulator:
         self.app.set_faults(plan)
         return plan
 
+    def cap_page_size(self, size: int | None) -> None:
+        """Silently cap ``pageSize`` of ListFunctionTasks at ``size`` (None: no cap), like some servers."""
+        self.app.service.max_page_size = size
+
     def clear_faults(self) -> None:
         """No faults from now on."""
         self.app.set_faults(FaultPlan())

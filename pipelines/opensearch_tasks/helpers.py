@@ -136,6 +136,8 @@ def read_instance(
     reread: set[str] = set()  # page 1, read again after the page size grew (not drift)
     batch = TaskBatch(kinds, target, fetched_at_us)
     size, can_grow, first_total = options.page_size, options.max_page_size > options.page_size, None
+    if can_grow and (cursor.max_start_ms is None or options.since_ms is not None):
+        size, can_grow = options.max_page_size, False  # a first load or a backfill: a deep read
     page_number = 0
     while True:
         page_number += 1
