@@ -23,7 +23,14 @@ from pipelines.opensearch_tasks.settings import (
     MAX_PAGE_SIZE,
 )
 from pipelines.opensearch_tasks.targets import TargetError
-from pipelines.runner import DEFAULT_DUCKDB_PATH, RunConfig, RunError, RunResult, UsageError
+from pipelines.runner import (
+    DEFAULT_DUCKDB_PATH,
+    DEFAULT_PARQUET_MODELS_PATH,
+    RunConfig,
+    RunError,
+    RunResult,
+    UsageError,
+)
 
 logger = logging.getLogger("pipelines")
 
@@ -147,8 +154,20 @@ def _add_destination_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--parquet-dir", help="folder or s3://BUCKET/PREFIX for --destination parquet")
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is now (tests swap it), not the one seen at set-up."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def configure_logging(debug: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -254,7 +273,9 @@ def cmd_models(args: argparse.Namespace) -> int:
         raise UsageError("--destination parquet needs --parquet-dir DIR")
     from pipelines.storage import filesystem_for
 
-    duckdb_path = args.duckdb_path or DEFAULT_DUCKDB_PATH
+    duckdb_path = args.duckdb_path or (
+        DEFAULT_DUCKDB_PATH if args.destination == "duckdb" else DEFAULT_PARQUET_MODELS_PATH
+    )
     built = build_models_in_file(
         duckdb_path,
         destination=args.destination,

@@ -42,6 +42,7 @@ from pipelines.opensearch_tasks.targets import parse_targets
 logger = logging.getLogger(__name__)
 
 DEFAULT_DUCKDB_PATH = "data/opensearch.duckdb"
+DEFAULT_PARQUET_MODELS_PATH = "data/opensearch_parquet.duckdb"  # the model views over Parquet
 FINGERPRINT_FILE = "opensearch_tasks_destination.txt"
 
 # dlt settings the product relies on, applied unless the user set them (env or .dlt/config.toml):
@@ -127,7 +128,7 @@ class RunConfig:
     def models_db(self) -> str:
         if self.destination == "duckdb":
             return self.duckdb_path
-        return self.models_path or str(Path(DEFAULT_DUCKDB_PATH).with_name("opensearch_parquet.duckdb"))
+        return self.models_path or DEFAULT_PARQUET_MODELS_PATH
 
 
 @dataclass
@@ -211,12 +212,28 @@ def check_duckdb_writable(path: str) -> None:
     try:
         duckdb.connect(path).close()
     except duckdb.IOException as error:
-        if "lock" in str(error).lower():
-            raise RunError(
-                f"{path} is locked by another process (a notebook or DuckDB CLI?): "
-                "close that connection, or open it with read_only=True, and rerun"
-            ) from None
+        if is_duckdb_lock_error(error):
+            raise RunError(duckdb_locked_message(path)) from None
         raise
+
+
+def duckdb_locked_message(path: str | Path, note: str = "") -> str:
+    return (
+        f"{path} is locked by another process (a notebook or DuckDB CLI?): "
+        f"close that connection, or open it with read_only=True, and rerun{note}"
+    )
+
+
+def is_duckdb_lock_error(error: BaseException) -> bool:
+    """Whether an error (dlt wraps them twice) is DuckDB refusing a file another process holds."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, duckdb.IOException) and "lock" in str(current).lower():
+            return True
+        current = current.__cause__ or current.__context__
+    return "Could not set lock on file" in str(error)
 
 
 def _lock_path(config: RunConfig) -> Path:
@@ -290,11 +307,18 @@ def run(config: RunConfig) -> RunResult:
         if config.full_refresh and config.destination == "parquet":
             forget_cursors(pipeline, source.name)
             refresh = None
-        load_info = pipeline.run(
-            source,
-            loader_file_format="parquet",
-            refresh=refresh,  # type: ignore[arg-type]
-        )
+        try:
+            load_info = pipeline.run(
+                source,
+                loader_file_format="parquet",
+                refresh=refresh,  # type: ignore[arg-type]
+            )
+        except Exception as error:
+            if config.destination == "duckdb" and is_duckdb_lock_error(error):
+                note = " (what this run read is kept and loaded by the next run)"
+                path = Path(config.duckdb_path).resolve()
+                raise RunError(duckdb_locked_message(path, note)) from None
+            raise
         result = RunResult(report, load_info, 0.0)
         if config.build_models:
             result.models = build_models_for(config)
@@ -339,6 +363,17 @@ def build_source(config: RunConfig, report: RunReport) -> Any:
 
 
 def build_models_for(config: RunConfig) -> list[str]:
+    try:
+        return _build_models_for(config)
+    except duckdb.IOException as error:
+        if not is_duckdb_lock_error(error):
+            raise
+        path = Path(config.models_db()).resolve()
+        note = " (the data is loaded; only the models were not rebuilt)"
+        raise RunError(duckdb_locked_message(path, note)) from None
+
+
+def _build_models_for(config: RunConfig) -> list[str]:
     from pipelines.models import build_models_in_file
 
     if config.destination == "duckdb":
