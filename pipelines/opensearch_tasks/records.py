@@ -254,8 +254,21 @@ def _column(items: list[dict[str, Any]], camel: str, pascal: str) -> list[Any]:
     return values
 
 
-def _epoch_ms(values: list[Any]) -> tuple[list[int | None], list[bool]]:
-    converted = [to_epoch_ms(v) for v in values]
+def _epoch_ms(
+    values: list[Any], field_name: str, run_ids: list[Any], target: Target
+) -> tuple[list[int | None], list[bool]]:
+    try:
+        converted = [to_epoch_ms(v) for v in values]
+    except (TypeError, ValueError, OverflowError):
+        for value, run_id in zip(values, run_ids, strict=True):
+            try:
+                to_epoch_ms(value)
+            except (TypeError, ValueError, OverflowError):
+                raise RecordError(
+                    f"{target}: task {run_id!r} has {field_name} {value!r}, not an epoch number; "
+                    "the API sent something this connector cannot read (report it with the request id)"
+                ) from None
+        raise
     return [ms for ms, _ in converted], [was_s for _, was_s in converted]
 
 
@@ -274,8 +287,8 @@ def read_page(items: list[dict[str, Any]], target: Target) -> PageColumns:
                     )
                 run_ids[index] = f"generation:{generation}"
     statuses = [str(v).lower() if v is not None else None for v in _column(items, "status", "Status")]
-    starts, start_s = _epoch_ms(_column(items, "startTime", "StartTime"))
-    ends, end_s = _epoch_ms(_column(items, "endTime", "EndTime"))
+    starts, start_s = _epoch_ms(_column(items, "startTime", "StartTime"), "startTime", run_ids, target)
+    ends, end_s = _epoch_ms(_column(items, "endTime", "EndTime"), "endTime", run_ids, target)
     ends = [None if st == "running" else e for e, st in zip(ends, statuses, strict=True)]
     progress = [int(v) if v is not None else None for v in _column(items, "progress", "Progress")]
     raw = [raw_extend_info(v) for v in _column(items, "extendInfo", "ExtendInfo")]
