@@ -4,7 +4,8 @@
 -- whatever extend_info__* columns a destination happens to hold. metric_name is the path of a
 -- numeric leaf, keys joined with '__' and snake_cased like dlt's column names (metrics__precision);
 -- leaves inside lists (errors) and non-numeric leaves are skipped. "Newest run" = the newest
--- successful run that reported at least one numeric metric; previous_* come from the one before it.
+-- successful run that reported at least one numeric metric; previous_* come from the one before it
+-- (searched among each instance's ten newest successful runs whose extendInfo holds any number).
 with recursive
 
 tasks as (
@@ -22,15 +23,32 @@ tasks as (
 
 ),
 
+candidate_runs as (
+
+    -- Only the newest runs can be "newest" or "previous": parse JSON for a handful per instance,
+    -- not for the whole history. A run qualifies cheaply when its raw text holds a number at all.
+    select
+        *,
+        row_number() over (
+            partition by app_group, function_name, instance_name
+            order by start_time desc nulls last, run_id desc
+        ) as candidate_rank
+    from tasks
+    where not is_extend_info_malformed
+        and regexp_matches(extend_info, ':\s*-?[0-9]')
+
+),
+
 parsed_tasks as (
 
     select
-        *,
+        * exclude (candidate_rank),
         case
-            when is_extend_info_malformed or not json_valid(extend_info) then null
+            when not json_valid(extend_info) then null
             when json_type(extend_info) = 'OBJECT' then cast(extend_info as json)
         end as extend_info_json
-    from tasks
+    from candidate_runs
+    where candidate_rank <= 10
 
 ),
 
