@@ -26,9 +26,11 @@ from typing import Any
 
 import dlt
 import duckdb
+from dlt.common.configuration.exceptions import ConfigFieldMissingException
 from dlt.common.pipeline import LoadInfo, get_dlt_pipelines_dir
 
 from pipelines.opensearch_tasks import RunReport, opensearch_tasks
+from pipelines.opensearch_tasks.client import OpenSearchError, resolve_endpoint
 from pipelines.opensearch_tasks.settings import (
     DATASET_NAME,
     DEFAULT_PAGE_SIZE,
@@ -83,6 +85,8 @@ class RunConfig:
     lookback_hours: float = 0
     max_attempts: int = 6
     read_timeout_ms: int = 30_000
+    duckdb_memory_limit: str = "256MB"  # for the load's merge; see make_destination
+    duckdb_threads: int = 1
     build_models: bool = True
     pipeline_name: str = PIPELINE_NAME
     pipelines_dir: str | None = None
@@ -102,10 +106,24 @@ class RunConfig:
             )
         if not 1 <= self.workers <= 64:
             raise UsageError(f"--workers must be between 1 and 64, got {self.workers}")
+        if not 1 <= self.max_attempts <= 100:
+            raise UsageError(f"--max-attempts must be between 1 and 100, got {self.max_attempts}")
+        for option, hours in (
+            ("--stale-after-hours", self.stale_after_hours),
+            ("--lookback-hours", self.lookback_hours),
+        ):
+            if not 0 <= hours < 1e6:  # also refuses nan
+                raise UsageError(f"{option} must be a number of hours >= 0, got {hours}")
+        if self.read_timeout_ms < 100:
+            raise UsageError(f"read_timeout_ms must be at least 100, got {self.read_timeout_ms}")
         if self.since_ms is not None and self.until_ms is not None and self.since_ms >= self.until_ms:
             raise UsageError("--since must be before --until")
         if self.targets:
             parse_targets(self.targets)
+        try:
+            resolve_endpoint(self.endpoint, self.region)
+        except OpenSearchError as error:
+            raise UsageError(str(error)) from None
         for option, path in (("--duckdb-path", self.duckdb_path), ("--duckdb-path", self.models_path)):
             if path and Path(path).stem == DATASET_NAME:
                 raise UsageError(
@@ -148,7 +166,12 @@ def make_destination(config: RunConfig) -> Any:
     if config.destination == "duckdb":
         path = Path(config.duckdb_path).resolve()
         _ensure_writable_dir(path.parent, "--duckdb-path")
-        return dlt.destinations.duckdb(str(path))
+        from dlt.destinations.impl.duckdb.configuration import DuckDbCredentials
+
+        # DuckDB takes up to 80 % of RAM by default and a 1M-task merge then peaks near 2 GB; a
+        # loader beside other work (an Airflow worker) should not. Past the limit DuckDB spills to disk.
+        limits = {"memory_limit": config.duckdb_memory_limit, "threads": config.duckdb_threads}
+        return dlt.destinations.duckdb(credentials=DuckDbCredentials(str(path), global_config=limits))
     if config.is_remote:
         from pipelines.storage import filesystem_config
 
@@ -241,7 +264,7 @@ def _lock_path(config: RunConfig) -> Path:
         path = Path(config.duckdb_path).resolve()
         return path.with_name(path.name + ".run.lock")
     if config.is_remote:
-        base = Path(config.pipelines_dir or Path.home() / ".dlt" / "pipelines")
+        base = Path(config.pipelines_dir or get_dlt_pipelines_dir())
         return base / f"{config.pipeline_name}.run.lock"
     return Path(str(config.parquet_dir)).resolve() / ".opensearch_tasks.run.lock"
 
@@ -258,12 +281,12 @@ def _pipeline_lock_path(config: RunConfig) -> Path:
 _EXTRACT_FOLDER = re.compile(r"[0-9a-f]{8,32}")
 
 
-def _remove_killed_extractions(pipeline: dlt.Pipeline) -> None:
+def _remove_killed_extractions(pipeline: dlt.Pipeline, quiet: bool = False) -> None:
     folder = Path(pipeline.working_dir) / "normalize"
     leftovers = [p for p in folder.glob("*") if p.is_dir() and _EXTRACT_FOLDER.fullmatch(p.name)]
     for path in leftovers:
         shutil.rmtree(path, ignore_errors=True)
-    if leftovers:
+    if leftovers and not quiet:
         logger.warning("removed %d unfinished extraction(s) left by an interrupted run", len(leftovers))
 
 
@@ -285,9 +308,22 @@ def finish_pending(pipeline: dlt.Pipeline, config: RunConfig) -> dlt.Pipeline:
     return pipeline
 
 
+def check_paths(config: RunConfig) -> None:
+    """Unwritable places fail first, in one line naming the option (not after a whole extraction)."""
+    if config.destination == "duckdb":
+        _ensure_writable_dir(Path(config.duckdb_path).resolve().parent, "--duckdb-path")
+    else:
+        if not config.is_remote:
+            _ensure_writable_dir(Path(str(config.parquet_dir)).resolve(), "--parquet-dir")
+        if config.build_models:
+            _ensure_writable_dir(Path(config.models_db()).resolve().parent, "--duckdb-path")
+    _ensure_writable_dir(_pipeline_lock_path(config).parent, "--pipelines-dir")
+
+
 def run(config: RunConfig) -> RunResult:
     """Load the targets into the destination, then build the models. Raises UsageError / RunError."""
     config.validate()
+    check_paths(config)
     started = time.perf_counter()
     with (
         exclusive_lock(_lock_path(config), config.destination_url().split(":", 1)[1]),
@@ -318,6 +354,10 @@ def run(config: RunConfig) -> RunResult:
                 note = " (what this run read is kept and loaded by the next run)"
                 path = Path(config.duckdb_path).resolve()
                 raise RunError(duckdb_locked_message(path, note)) from None
+            _remove_killed_extractions(pipeline, quiet=True)  # a failed extraction leaves its folder
+            api_error = _api_error_in(error)
+            if api_error is not None:  # e.g. wrong credentials stopped the extraction
+                raise api_error from None
             raise
         result = RunResult(report, load_info, 0.0)
         if config.build_models:
@@ -336,6 +376,18 @@ def forget_cursors(pipeline: dlt.Pipeline, source_name: str) -> None:
     pipeline.sync_destination()  # an empty working folder first restores the cursors it resets
     with pipeline.managed_state() as state:
         state.get("sources", {}).pop(source_name, None)
+
+
+def _api_error_in(error: BaseException) -> OpenSearchError | None:
+    """The API error dlt wrapped (PipelineStepFailed -> ResourceExtractionError -> ...), if any."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OpenSearchError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def build_source(config: RunConfig, report: RunReport) -> Any:
@@ -359,7 +411,15 @@ def build_source(config: RunConfig, report: RunReport) -> Any:
     for key, value in config.credentials.items():
         if value:
             kwargs[key] = value
-    return opensearch_tasks(**kwargs)
+    try:
+        return opensearch_tasks(**kwargs)
+    except ConfigFieldMissingException as error:
+        if "targets" not in error.fields:
+            raise
+        raise UsageError(
+            "no targets: pass --target APP_GROUP[/FUNCTION[/INSTANCE]] or set "
+            "sources.opensearch_tasks.targets in .dlt/config.toml"
+        ) from None
 
 
 def build_models_for(config: RunConfig) -> list[str]:
