@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check "uv>=0.5,<1"
-	$(BIN)/uv pip install --quiet --python $(PY) -c requirements/constraints.txt -e ".[dev]"
+	$(BIN)/uv pip install --quiet --compile-bytecode --python $(PY) -c requirements/constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -29,14 +29,32 @@ format: $(STAMP)
 test: lint
 	$(BIN)/pytest
 
+# Issue 6's suite; extra options via BENCH_ARGS, e.g. make bench BENCH_ARGS="--only backfill --keep".
 bench: $(STAMP)
-	$(PY) benchmarks/run.py
+	$(PY) benchmarks/run.py $(BENCH_ARGS)
 
 bench-quick: $(STAMP)
-	$(PY) benchmarks/run.py --quick
+	$(PY) benchmarks/run.py --quick $(BENCH_ARGS)
 
 soak: $(STAMP)
 	SOAK_RUNS=100 $(BIN)/pytest tests/test_soak.py
+
+# The DAG in a real Airflow: its own virtualenv (Airflow + this package, pinned by
+# requirements/airflow-constraints.txt; re-pin with: echo "apache-airflow==$(AIRFLOW_VERSION)" |
+# $(BIN)/uv pip compile pyproject.toml - -c requirements/constraints.txt -p 3.11 --no-annotate
+# -o requirements/airflow-constraints.txt), then tests/test_airflow.py.
+AIRFLOW_VERSION := 3.3.2
+AIRFLOW_VENV    := .airflow-venv
+test-airflow: $(STAMP)
+	@if [ ! -f $(AIRFLOW_VENV)/.installed ] || [ requirements/airflow-constraints.txt -nt $(AIRFLOW_VENV)/.installed ] \
+	    || [ pyproject.toml -nt $(AIRFLOW_VENV)/.installed ]; then \
+	  set -e; echo "installing apache-airflow==$(AIRFLOW_VERSION) into $(AIRFLOW_VENV)"; \
+	  $(BIN)/uv venv --quiet --allow-existing --python $(PYTHON) $(AIRFLOW_VENV); \
+	  $(BIN)/uv pip install --quiet --python $(AIRFLOW_VENV)/bin/python \
+	    -c requirements/airflow-constraints.txt "apache-airflow==$(AIRFLOW_VERSION)" -e .; \
+	  touch $(AIRFLOW_VENV)/.installed; \
+	fi
+	$(BIN)/pytest tests/test_airflow.py -v --durations=0
 
 # Re-resolve the pinned set after changing dependencies in pyproject.toml.
 lock: $(STAMP)
