@@ -13,7 +13,7 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 from pipelines.opensearch_tasks.client import OpenSearchError
 from pipelines.opensearch_tasks.settings import (
@@ -70,8 +70,15 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (not argparse's usage block), exit code 2; subcommands inherit it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="opensearch-tasks",
         description="Alibaba Cloud OpenSearch training-task history into DuckDB or Parquet.",
     )
@@ -177,6 +184,12 @@ def configure_logging(debug: bool) -> None:
         os.environ.setdefault("RUNTIME__LOG_LEVEL", "WARNING")
         # The credentials chain logs each provider it tries, with tracebacks: not for users' eyes.
         logging.getLogger("alibabacloud_credentials").setLevel(logging.CRITICAL)
+        # A failed instance is printed once, as an "error:" line by cmd_run, not also as a log line.
+        handler.addFilter(lambda record: not _is_reported_failure(record))
+
+
+def _is_reported_failure(record: logging.LogRecord) -> bool:
+    return record.name == "pipelines.opensearch_tasks" and record.levelno == logging.ERROR
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -207,14 +220,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     config.on_progress = progress_printer()
     result = run(config)
     print(format_summary(result))
-    if not result.report.ok:
-        for failure in result.report.failures:
+    failures = result.report.failures
+    if len(failures) == 1:
+        print(
+            f"error: {failures[0]}; its cursor is unchanged and the next run retries it", file=sys.stderr
+        )
+    elif failures:
+        for failure in failures:
             print(f"error: {failure}", file=sys.stderr)
         print(
-            f"error: {len(result.report.failures)} target(s) failed; their cursors are unchanged "
+            f"error: {len(failures)} target(s) failed; their cursors are unchanged "
             "and the next run retries them",
             file=sys.stderr,
         )
+    if failures:
         return 1
     return 0
 
@@ -326,7 +345,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, TargetError) as error:
         return _fail(args, f"error: {error}", 2)
     except OpenSearchError as error:
-        return _fail(args, f"error: {error}", 2 if error.code is None and not error.retryable else 1)
+        usage = error.is_credentials_error or (error.code is None and not error.retryable)
+        return _fail(args, f"error: {error}", 2 if usage else 1)
     except RunError as error:
         return _fail(args, f"error: {error}", 1)
     except KeyboardInterrupt:
@@ -338,8 +358,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def describe(error: BaseException) -> str:
     """The innermost useful message of an exception chain (dlt wraps step errors)."""
     seen = error
-    while seen.__cause__ is not None or seen.__context__ is not None:
-        inner = seen.__cause__ or seen.__context__
+    while True:  # ``raise ... from None`` hides its context (e.g. an SDK error holding a request)
+        inner = seen.__cause__ or (None if seen.__suppress_context__ else seen.__context__)
         if inner is None:
             break
         seen = inner

@@ -149,22 +149,34 @@ def function_tasks(
     kinds = ColumnKinds.from_dlt_columns(_known_columns())
     targets = _resolve_targets(client, specs, report)
     pages: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=max(2, workers * 2))
-    stop = threading.Event()
+    stop = threading.Event()  # set when the consumer is gone: workers must neither read nor block
+    fatal: list[OpenSearchError] = []
+
+    def put(item: tuple[str, Any]) -> None:
+        while not stop.is_set():
+            try:
+                pages.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def emit(table: pa.Table) -> None:
+        put(("rows", table))
+        if stop.is_set():
+            raise _RunClosed  # nobody reads the rows any more: stop paging this instance
 
     def work(target: Target) -> None:
-        def emit(table: pa.Table) -> None:
-            while not stop.is_set():
-                try:
-                    pages.put(("rows", table), timeout=0.5)
-                    return
-                except queue.Full:
-                    continue
-
+        if stop.is_set() or fatal:
+            return  # the run is over (failed or closed): do not start another instance
         requests_before, retries_before = client.thread_counts()
         try:
             cursor = InstanceCursor.from_state(cursors.get(target.key))
             result = read_instance(client, target, cursor, options, kinds, emit)
+        except _RunClosed:
+            return
         except (OpenSearchError, RecordError) as error:
+            if isinstance(error, OpenSearchError) and error.is_credentials_error:
+                fatal.append(error)
             result = InstanceReport(target, error=str(error))
         except Exception as error:  # a bug must fail this instance loudly, never hang the run
             logger.debug("%s: unexpected error", target, exc_info=True)
@@ -173,7 +185,7 @@ def function_tasks(
             requests_after, retries_after = client.thread_counts()
             result.requests = requests_after - requests_before
             result.retries = retries_after - retries_before
-        pages.put(("done", result))
+        put(("done", result))
 
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="opensearch") as pool:
         for target in targets:
@@ -185,6 +197,8 @@ def function_tasks(
                 if kind == "rows":
                     yield payload
                     continue
+                if fatal:  # wrong credentials: every other instance would fail the same way
+                    raise fatal[0]
                 remaining -= 1
                 _finish_instance(payload, cursors, report)
                 if report.on_progress is not None:
@@ -193,6 +207,10 @@ def function_tasks(
             stop.set()
     report.requests = client.stats.requests
     report.retries = client.stats.retries
+
+
+class _RunClosed(Exception):
+    """The resource's consumer is gone (the run failed or was closed)."""
 
 
 def _finish_instance(result: InstanceReport, cursors: dict[str, Any], report: RunReport) -> None:
@@ -227,6 +245,8 @@ def _resolve_targets(
             for target in discover_instances(client, spec.app_group, spec.function_name):
                 resolved[target] = None
         except OpenSearchError as error:
+            if error.is_credentials_error:
+                raise
             report.failures.append(f"{spec}: discovery failed: {error}")
             logger.error("%s: discovery failed: %s", spec, error)
     return list(resolved)

@@ -50,6 +50,22 @@ RETRYABLE_CODES = frozenset(
         "RequestTimeout",
     }
 )
+# Codes that say the credentials themselves are wrong: every other request would fail the same way,
+# so the run stops at the first one (and the CLI exits 2: a configuration error).
+CREDENTIAL_CODES = frozenset(
+    {
+        "InvalidAccessKeyId.NotFound",
+        "InvalidAccessKeyId.Inactive",
+        "SignatureDoesNotMatch",
+        "IncompleteSignature",
+        "MissingAuthorization",
+        "InvalidSecurityToken.Expired",
+        "InvalidSecurityToken.Mismatch",
+        "InvalidSecurityToken.MismatchWithAccessKey",
+        "InvalidSecurityToken.Malformed",
+        "InvalidTimeStamp.Expired",
+    }
+)
 # What a successful body may carry in ``code`` (most carry none).
 OK_CODES = frozenset({"OK", "Ok", "Success", "200"})
 AUTH_CODE_HINTS = {
@@ -59,6 +75,8 @@ AUTH_CODE_HINTS = {
     "MissingAuthorization": "set credentials (see README, 'Credentials')",
     "InvalidSecurityToken.Expired": "refresh the STS token",
     "InvalidSecurityToken.Mismatch": "the STS token does not belong to this access key",
+    "InvalidAccessKeyId.Inactive": "the access key is disabled; enable it or use another",
+    "InvalidTimeStamp.Expired": "the system clock is off; sync it (NTP)",
     "Forbidden.RAM": "grant the RAM user opensearch:ListFunctionTasks",
     "App.NotFound": "check the app group name (opensearch-tasks run --target APP/...)",
     "Instance.NotExist": "check the function and instance names",
@@ -89,6 +107,11 @@ class OpenSearchError(Exception):
         self.retryable = retryable
         self.retry_after_seconds = retry_after_seconds
         super().__init__(self._render())
+
+    @property
+    def is_credentials_error(self) -> bool:
+        """The credentials are wrong (not this request): no other request can succeed."""
+        return self.code in CREDENTIAL_CODES
 
     def _render(self) -> str:
         parts = [self.what]
@@ -184,9 +207,15 @@ def resolve_endpoint(endpoint: str | None, region: str | None) -> tuple[str, str
 
 
 def segment(name: str) -> str:
-    """Percent-encode one URL path segment (``/``, ``..``, ``%``, spaces, non-ASCII included)."""
+    """Percent-encode one URL path segment (``/``, ``%``, spaces, non-ASCII included).
+
+    A name that is exactly ``.`` or ``..`` cannot be sent: ``%2E`` is decoded back to ``.`` by the
+    HTTP stack (``requests`` re-quotes URLs), and a dot segment would then name another resource.
+    """
     if name in (".", ".."):
-        return name.replace(".", "%2E")
+        raise OpenSearchError(
+            f"cannot request the name {name!r}: '.' and '..' are not usable in a URL path"
+        )
     return quote(name, safe="")
 
 
@@ -332,7 +361,11 @@ _TRANSPORT_REASONS: tuple[tuple[tuple[str, ...], str, bool], ...] = (
     (("Connection refused",), "connection refused", True),
     (("Name or service not known", "nodename nor servname", "Failed to resolve"), "unknown host", True),
     (("IncompleteRead", "Connection broken"), "connection closed mid-response", True),
-    (("Connection aborted", "RemoteDisconnected", "reset by peer"), "connection closed by the server", True),
+    (
+        ("Connection aborted", "RemoteDisconnected", "reset by peer"),
+        "connection closed by the server",
+        True,
+    ),
 )
 
 

@@ -109,7 +109,12 @@ def to_epoch_ms(value: Any) -> tuple[int | None, bool]:
         return None, False
     if number < SECONDS_THRESHOLD:
         return number * 1000, True
+    if number > _MAX_EPOCH_MS:
+        raise ValueError(f"{value!r} is past the year 9999")
     return number, False
+
+
+_MAX_EPOCH_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z: later values are not times
 
 
 # prefix column -> raw key -> flattened column name; names are few, so this stays tiny.
@@ -131,7 +136,11 @@ def _child_column(prefix: str, key: str) -> str:
         names = _COLUMN_NAMES[prefix] = {}
     column = names.get(key)
     if column is None:
-        column = names[key] = f"{prefix}__{_NAMING.normalize_identifier(key) or '_'}"
+        try:
+            name = _NAMING.normalize_identifier(key) or "_"
+        except ValueError:  # dlt refuses empty and blank names; "" is a valid JSON key
+            name = "_"
+        column = names[key] = f"{prefix}__{name}"
     return column
 
 
@@ -272,8 +281,26 @@ def _epoch_ms(
     return [ms for ms, _ in converted], [was_s for _, was_s in converted]
 
 
+def _progress(value: Any) -> int | None:
+    """Progress is informational: a value that is not a number becomes NULL, never a failed task."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if -(2**63) <= value < 2**63 else None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return int(number) if -(2**63) <= number < 2**63 else None  # also refuses nan and inf
+
+
 def read_page(items: list[dict[str, Any]], target: Target) -> PageColumns:
     """Raw ``result`` items -> columns. Raises ``RecordError`` for an item without a usable key."""
+    for item in items:
+        if not isinstance(item, dict):
+            raise RecordError(
+                f"{target}: a task that is not a JSON object: {orjson.dumps(item)[:200]!r}"
+            )
     run_ids = _column(items, "runId", "RunId")
     generations = _column(items, "generation", "Generation")
     if None in run_ids or "" in run_ids:
@@ -290,7 +317,7 @@ def read_page(items: list[dict[str, Any]], target: Target) -> PageColumns:
     starts, start_s = _epoch_ms(_column(items, "startTime", "StartTime"), "startTime", run_ids, target)
     ends, end_s = _epoch_ms(_column(items, "endTime", "EndTime"), "endTime", run_ids, target)
     ends = [None if st == "running" else e for e, st in zip(ends, statuses, strict=True)]
-    progress = [int(v) if v is not None else None for v in _column(items, "progress", "Progress")]
+    progress = [_progress(v) for v in _column(items, "progress", "Progress")]
     raw = [raw_extend_info(v) for v in _column(items, "extendInfo", "ExtendInfo")]
     return PageColumns(
         run_id=[str(r) for r in run_ids],

@@ -1,0 +1,238 @@
+"""Bad input and configuration: one actionable line each, exit 2 for usage errors, no traceback.
+
+``test_pipeline.py`` covers a few malformed ``--target`` / ``--since`` / ``--page-size`` values; this
+file covers the rest, in-process (``pipelines.cli.main``: no 5 s import per case).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.cli_helpers import (
+    CliResult,
+    credentials_env,
+    cursor_of,
+    instance_cursors,
+    run_args,
+    run_cli,
+)
+from tests.pipeline_helpers import AK, SECRET, assert_equals_truth, by_key, duckdb_rows
+
+WORLD = {
+    "app_groups": 1,
+    "functions_per_group": 1,
+    "instances_per_function": 2,
+    "tasks_per_instance": 30,
+}
+NO_NETWORK = ["--endpoint", "http://127.0.0.1:9", "--no-models"]  # nothing must be sent anyway
+
+
+@pytest.fixture(autouse=True)
+def no_global_dlt_folder(tmp_path, monkeypatch):
+    """Runs without --pipelines-dir must not touch ~/.dlt of whoever runs the tests."""
+    monkeypatch.setenv("DLT_DATA_DIR", str(tmp_path / "dlt_data_dir"))
+
+
+@pytest.fixture
+def emu(make_emulator):
+    return make_emulator(keys={AK: SECRET, "other-ak": "other-secret"}, **WORLD)
+
+
+def one_line(done: CliResult, code: int, *needles: str) -> str:
+    """Exit ``code``; besides progress log lines, stderr holds exactly one line: ``error: ...``."""
+    assert done.code == code, (done.code, done.err)
+    assert "Traceback" not in done.err
+    lines = done.error_lines
+    assert len(lines) == 1, done.err
+    assert " WARNING " not in done.err and " ERROR " not in done.err, done.err
+    assert lines[0].startswith("error: "), lines[0]
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "needles"),
+    [
+        (["--target", "app//ctr"], ["invalid target 'app//ctr'", "APP_GROUP[/FUNCTION[/INSTANCE]]"]),
+        (["--target", " "], ["invalid target", "%2F"]),
+        (["--target", "app/ctr/x/"], ["invalid target"]),
+        (["--target", "app", "--since", "2026-13-45"], ["--since: cannot parse '2026-13-45'", "7d/24h"]),
+        (["--target", "app", "--since", "3w"], ["--since: cannot parse '3w'"]),
+        (["--target", "app", "--until", "soon"], ["--until: cannot parse 'soon'"]),
+        (
+            ["--target", "app", "--since", "2026-11-02", "--until", "2026-11-01"],
+            ["--since must be before --until"],
+        ),
+        (
+            ["--target", "app", "--page-size", "1001"],
+            ["--page-size must be between 1 and 1000, got 1001"],
+        ),
+        (["--target", "app", "--page-size", "-5"], ["--page-size must be between 1 and 1000, got -5"]),
+        (
+            ["--target", "app", "--page-size", "ten"],
+            ["--page-size: expected an integer, got 'ten'", "--help"],
+        ),
+        (["--target", "app", "--workers", "0"], ["--workers must be between 1 and 64"]),
+        (
+            ["--target", "app", "--max-attempts", "0"],
+            ["--max-attempts must be between 1 and 100, got 0"],
+        ),
+        (
+            ["--target", "app", "--stale-after-hours", "-1"],
+            ["--stale-after-hours must be a number of hours >= 0"],
+        ),
+        (
+            ["--target", "app", "--lookback-hours", "nan"],
+            ["--lookback-hours must be a number of hours >= 0"],
+        ),
+        (["--target", "app", "--destination", "sqlite"], ["invalid choice: 'sqlite'"]),
+        (["--target", "app", "--destination", "parquet"], ["--destination parquet needs --parquet-dir"]),
+        (["--target", "app", "--bogus"], ["unrecognized arguments: --bogus"]),
+    ],
+)
+def test_usage_errors(tmp_path, capsys, monkeypatch, argv, needles):
+    monkeypatch.chdir(tmp_path)
+    credentials_env(monkeypatch)
+    done = run_cli(["run", *[a for a in NO_NETWORK if a != "--no-models"], *argv], capsys)
+    one_line(done, 2, *needles)
+    assert not (tmp_path / "data").exists(), "a refused run must not create anything"
+
+
+def test_invalid_endpoint(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    credentials_env(monkeypatch)
+    done = run_cli(["run", "--target", "app", "--endpoint", "ftp://somewhere"], capsys)
+    one_line(done, 2, "invalid endpoint 'ftp://somewhere'", "https://HOST")
+
+
+def test_no_targets_anywhere(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no .dlt/config.toml here
+    credentials_env(monkeypatch)
+    done = run_cli(["run", *NO_NETWORK, "--duckdb-path", str(tmp_path / "t.duckdb")], capsys)
+    one_line(done, 2, "no targets", "--target", "sources.opensearch_tasks.targets")
+
+
+def test_unwritable_output_paths(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    credentials_env(monkeypatch)
+    a_file = tmp_path / "plain-file"
+    a_file.write_text("not a folder")
+    cases = [
+        (["--duckdb-path", "/proc/no-such/tasks.duckdb"], "--duckdb-path: cannot create /proc/no-such"),
+        (["--duckdb-path", str(a_file / "tasks.duckdb")], f"--duckdb-path: cannot create {a_file}"),
+        (["--destination", "parquet", "--parquet-dir", "/proc/no-such"], "--parquet-dir: cannot create"),
+        (["--pipelines-dir", "/proc/no-such"], "--pipelines-dir: cannot create /proc/no-such"),
+    ]
+    for extra, needle in cases:
+        argv = [
+            "run",
+            "--target",
+            "app",
+            *NO_NETWORK,
+            "--duckdb-path",
+            str(tmp_path / "t.duckdb"),
+            *extra,
+        ]
+        one_line(run_cli(argv, capsys), 2, needle)
+
+
+def test_missing_credentials(emu, tmp_path, capsys, monkeypatch):
+    for name in (
+        "ALIBABA_CLOUD_ACCESS_KEY_ID",
+        "ALIBABA_CLOUD_ACCESS_KEY_SECRET",
+        "ALIBABA_CLOUD_SECURITY_TOKEN",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("ALIBABA_CLOUD_ECS_METADATA_DISABLED", "true")
+    monkeypatch.chdir(tmp_path)
+    done = run_cli(run_args(emu, tmp_path), capsys)
+    one_line(
+        done, 2, "no Alibaba Cloud credentials found", "ALIBABA_CLOUD_ACCESS_KEY_ID", ".dlt/secrets.toml"
+    )
+    assert emu.request_count == 0
+
+    monkeypatch.setenv("SOURCES__OPENSEARCH_TASKS__ACCESS_KEY_ID", AK)  # the id alone
+    done = run_cli(run_args(emu, tmp_path), capsys)
+    one_line(done, 2, "incomplete credentials", "access_key_secret")
+    assert emu.request_count == 0
+
+
+@pytest.mark.parametrize(
+    ("ak", "secret", "code", "hint"),
+    [
+        (AK, "wrong-secret", "SignatureDoesNotMatch", "check the access key secret"),
+        ("unknown-ak", SECRET, "InvalidAccessKeyId.NotFound", "check the access key id"),
+    ],
+)
+def test_wrong_credentials_stop_the_run_at_once(
+    emu, tmp_path, capsys, monkeypatch, ak, secret, code, hint
+):
+    credentials_env(monkeypatch)
+    explicit = ["/".join(t) for t in emu.targets()]
+    assert run_cli(run_args(emu, tmp_path, targets=explicit), capsys).code == 0
+    rows, cursors = (
+        by_key(duckdb_rows(str(tmp_path / "tasks.duckdb"))),
+        instance_cursors(tmp_path / "dlt_pipelines"),
+    )
+    emu.advance(hours=12)
+
+    credentials_env(monkeypatch, ak=ak, secret=secret)
+    for targets in (explicit, [emu.targets()[0][0]]):  # instances read at once, then discovery
+        emu.reset_requests()
+        done = run_cli(run_args(emu, tmp_path, targets=targets), capsys)
+        one_line(done, 2, code, hint)
+        # No retries: at most one request per instance that was already in flight.
+        assert 1 <= emu.request_count <= len(explicit), emu.request_count
+        assert all(record.code == code for record in emu.requests)
+    assert by_key(duckdb_rows(str(tmp_path / "tasks.duckdb"))) == rows
+    assert instance_cursors(tmp_path / "dlt_pipelines") == cursors
+
+    credentials_env(monkeypatch)
+    assert run_cli(run_args(emu, tmp_path, targets=explicit), capsys).code == 0
+    assert_equals_truth(duckdb_rows(str(tmp_path / "tasks.duckdb")), emu)
+
+
+def test_unknown_app_group_or_instance_fails_that_target_only(emu, tmp_path, capsys, monkeypatch):
+    credentials_env(monkeypatch)
+    app, fn, inst = emu.targets()[0]
+    done = run_cli(run_args(emu, tmp_path, targets=["no_such_app", f"{app}/{fn}/{inst}"]), capsys)
+    one_line(done, 1, "no_such_app: discovery failed", "App.NotFound", "check the app group name")
+    loaded = {
+        (r["app_group"], r["function_name"], r["instance_name"])
+        for r in duckdb_rows(str(tmp_path / "tasks.duckdb"))
+    }
+    assert loaded == {(app, fn, inst)}
+
+    done = run_cli(
+        run_args(emu, tmp_path, targets=[f"{app}/{fn}/no_such_instance", f"{app}/{fn}/{inst}"]), capsys
+    )
+    one_line(
+        done,
+        1,
+        f"{app}/{fn}/no_such_instance",
+        "Instance.NotExist",
+        "check the function and instance names",
+    )
+    assert (
+        cursor_of(
+            instance_cursors(tmp_path / "dlt_pipelines"), (app, fn, "no_such_instance")
+        ).max_start_ms
+        is None
+    )
+
+
+def test_server_not_listening(tmp_path, capsys, monkeypatch):
+    credentials_env(monkeypatch)
+    argv = ["run", "--target", "app/ctr/x", "--endpoint", "http://127.0.0.1:9", "--max-attempts", "2"]
+    done = run_cli([*argv, "--duckdb-path", str(tmp_path / "t.duckdb"), "--no-models"], capsys)
+    line = one_line(done, 1, "app/ctr/x", "transport error: connection refused", "after 2 attempts")
+    assert "HTTPConnectionPool" not in line
+
+
+def test_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    credentials_env(monkeypatch)
+    done = run_cli(["--debug", "run", "--target", "app", "--page-size", "0"], capsys)
+    assert done.code == 2
+    assert "Traceback" in done.err and "--page-size must be between" in done.err

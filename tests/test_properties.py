@@ -1,0 +1,207 @@
+"""Properties (hypothesis): the normaliser takes any JSON, and any schedule of a moving world ends exact.
+
+1. ``records`` turns any JSON value in any task field into a row, or refuses the task with
+   ``RecordError`` (no key, unreadable times): never another exception, never a lost raw
+   ``extendInfo``. (A stray exception would fail the instance as "unexpected".)
+2. Random schedules of task starts (some at the very same millisecond), finishes, tasks that run for
+   hours, and tasks inserted while a run pages (the emulator's drift), over several runs, into DuckDB
+   or Parquet: after every quiet run the table is exactly the truth. Few examples: each is a real
+   pipeline run over HTTP.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pyarrow as pa
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from pipelines.emulator import Emulator, FaultPlan, WorldSpec
+from pipelines.opensearch_tasks.records import (
+    ColumnKinds,
+    RecordError,
+    Target,
+    parse_extend_info,
+    records_to_table,
+)
+from tests.cli_helpers import assert_truth_as_of
+from tests.pipeline_helpers import (
+    AK,
+    SECRET,
+    assert_equals_truth,
+    config_for,
+    duckdb_rows,
+    parquet_newest_rows,
+    run_ok,
+)
+
+TARGET = Target("app", "ctr", "inst")
+
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)  # what orjson parses as integers
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20)
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+# extendInfo as the API sends it: mostly a JSON string (of any JSON value, or not JSON at all).
+extend_infos = (
+    json_values.map(lambda v: orjson.dumps(v).decode() if _orjson_ok(v) else "{")
+    | st.text(max_size=30)
+    | json_values
+)
+FIELDS = ("runId", "RunId", "generation", "status", "progress", "startTime", "endTime", "functionName")
+
+
+def _orjson_ok(value: Any) -> bool:
+    try:
+        orjson.dumps(value)
+    except (TypeError, orjson.JSONEncodeError):
+        return False
+    return True
+
+
+@st.composite
+def tasks(draw: st.DrawFn) -> Any:
+    """A task whose every field may be any JSON value (a realistic one most of the time)."""
+    if draw(st.integers(0, 20)) == 0:
+        return draw(json_values)  # not even an object
+    task: dict[str, Any] = {}
+    realistic = {
+        "runId": st.text(min_size=1, max_size=20),
+        "generation": st.integers(1, 999).map(str),
+        "status": st.sampled_from(["success", "failed", "running", "SUCCESS", ""]),
+        "progress": st.integers(0, 100),
+        "startTime": st.integers(1_600_000_000_000, 1_900_000_000_000),
+        "endTime": st.integers(0, 1_900_000_000_000),
+    }
+    for name in FIELDS:
+        if draw(st.booleans()):
+            strategy = realistic.get(name, json_values)
+            task[name] = draw(strategy if draw(st.integers(0, 3)) else json_values)
+    if draw(st.booleans()):
+        task[draw(st.sampled_from(["extendInfo", "ExtendInfo"]))] = draw(extend_infos)
+    return task
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(items=st.lists(tasks(), min_size=1, max_size=4))
+def test_normaliser_never_raises_and_keeps_raw_extend_info(items):
+    try:
+        table = records_to_table(items, TARGET, 1_790_000_000_000_000, ColumnKinds())
+    except RecordError:
+        return  # refused loudly, naming the task: allowed
+    assert isinstance(table, pa.Table) and table.num_rows == len(items)
+    rows = table.to_pylist()
+    for item, row in zip(items, rows, strict=True):
+        raw = item.get("extendInfo", item.get("ExtendInfo"))
+        expected = raw if raw is None or isinstance(raw, str) else orjson.dumps(raw).decode()
+        assert row["extend_info"] == expected  # lossless: the raw text is always kept
+        _, malformed = parse_extend_info(raw)
+        assert row["is_extend_info_malformed"] is malformed
+        if isinstance(raw, str):
+            try:
+                parsed = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                parsed = None
+            assert malformed is not isinstance(parsed, dict)
+
+
+@settings(max_examples=300, deadline=None)
+@given(raw=st.one_of(extend_infos, st.binary(max_size=10)))
+def test_parse_extend_info_never_raises(raw):
+    flat, malformed = parse_extend_info(raw)
+    assert isinstance(flat, dict) and isinstance(malformed, bool)
+    assert all(column.startswith("extend_info__") for column in flat)
+
+
+# -- the pipeline under random schedules ----------------------------------------------------------
+step = st.one_of(
+    st.tuples(st.just("advance"), st.floats(0.05, 30)),
+    st.tuples(st.just("burst"), st.integers(1, 4)),  # tasks starting at the same millisecond
+    st.tuples(st.just("long"), st.integers(1, 12)),  # a task that runs for hours
+    st.tuples(st.just("run"), st.integers(0, 2)),  # a run, with that many tasks starting per page read
+)
+
+
+@settings(max_examples=3, deadline=None, suppress_health_check=list(HealthCheck))
+@example(  # one rich schedule always runs: bursts and long tasks read while tasks start under paging
+    schedule=[
+        ("run", 0),
+        ("burst", 3),
+        ("run", 2),
+        ("advance", 0.5),
+        ("long", 3),
+        ("run", 1),
+        ("advance", 4),
+    ],
+    page_size=2,
+    destination="duckdb",
+    seed=7,
+)
+@given(
+    schedule=st.lists(step, min_size=3, max_size=9),
+    page_size=st.integers(1, 6),
+    destination=st.sampled_from(["duckdb", "parquet"]),
+    seed=st.integers(0, 10_000),
+)
+def test_random_schedules_end_equal_to_the_truth(schedule, page_size, destination, seed):
+    spec = WorldSpec(
+        seed=seed, app_groups=1, functions_per_group=1, instances_per_function=2, tasks_per_instance=20
+    )
+    with tempfile.TemporaryDirectory() as folder, Emulator(spec, keys={AK: SECRET}) as emu:
+        extra: dict[str, Any] = {"page_size": page_size, "max_page_size": max(page_size, 8)}
+        if destination == "parquet":
+            extra.update(destination="parquet", parquet_dir=str(Path(folder) / "lake"))
+        config = config_for(emu, Path(folder), **extra)
+        rows = (
+            (lambda: duckdb_rows(config.duckdb_path))
+            if destination == "duckdb"
+            else (lambda: parquet_newest_rows(config.parquet_dir))
+        )
+        targets = emu.targets()
+        for number, (kind, value) in enumerate([*schedule, ("run", 0)]):
+            app, fn, inst = targets[number % len(targets)]
+            if kind == "advance":
+                emu.advance(hours=value)
+            elif kind == "burst":
+                for k in range(value):
+                    emu.add_task(
+                        app,
+                        fn,
+                        inst,
+                        status="running" if k % 2 else "success",
+                        start_ms=emu.now_ms,
+                        end_ms=emu.now_ms + 60_000 * (k + 1),
+                        run_id=f"b{number}-{k}",
+                    )
+            elif kind == "long":
+                emu.add_task(
+                    app,
+                    fn,
+                    inst,
+                    status="running",
+                    start_ms=emu.now_ms,
+                    end_ms=emu.now_ms + value * 3_600_000,
+                    run_id=f"long{number}",
+                )
+            elif value:  # a run while tasks start under it: no loss, no duplicate
+                began = emu.now_ms
+                emu.set_faults(FaultPlan(drift_tasks_per_page=value))
+                run_ok(config)
+                emu.clear_faults()
+                assert_truth_as_of(rows(), emu, began)
+            else:
+                run_ok(config)
+                assert_equals_truth(rows(), emu)
