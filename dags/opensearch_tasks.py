@@ -472,10 +472,13 @@ def opensearch_tasks() -> None:
     def check_data() -> dict[str, Any]:
         """Fails loudly (no retry: the data would not change) and names every failed check."""
         from pipelines.models import connect_models
+        from pipelines.storage import filesystem_for_models
 
         settings = _settings()
         database = settings.duckdb_path if settings.destination == "duckdb" else settings.models_path
-        with connect_models(database, read_only=True) as con:
+        # Parquet on s3:// is read through the same fsspec filesystem as the loader (no extension).
+        filesystem = filesystem_for_models(database) if settings.destination == "parquet" else None
+        with connect_models(database, read_only=True, filesystem=filesystem) as con:
             failures, facts = run_checks(con, settings.destination, settings.freshness_hours)
         logger.info("data checks: %s", facts)
         if failures:
