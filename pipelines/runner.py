@@ -51,7 +51,6 @@ FINGERPRINT_FILE = "opensearch_tasks_destination.txt"
 # arrow rows need _dlt_load_id so the Parquet staging model can pick the newest version of a task.
 _DLT_DEFAULTS = {
     "NORMALIZE__PARQUET_NORMALIZER__ADD_DLT_LOAD_ID": "true",
-    "NORMALIZE__PARQUET_NORMALIZER__ADD_DLT_ID": "true",
     "RUNTIME__DLTHUB_TELEMETRY": "false",
 }
 
