@@ -10,7 +10,6 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 import pyarrow as pa
@@ -63,19 +62,6 @@ class ReadOptions:
     since_ms: int | None = None  # backfill window: read from here, do not move the cursor
     until_ms: int | None = None
     batch_rows: int = 20_000
-
-
-def server_now_ms(headers: Any) -> int | None:
-    """The API's own clock (``Date`` header), so the stale horizon follows the server's time."""
-    if not headers:
-        return None
-    value = headers.get("date") or headers.get("Date")
-    if not value:
-        return None
-    try:
-        return int(parsedate_to_datetime(value).timestamp() * 1000)
-    except (TypeError, ValueError):
-        return None
 
 
 def list_tasks_page(
