@@ -21,6 +21,7 @@ from pipelines.opensearch_tasks.settings import (
     DEFAULT_REGION,
     DEFAULT_STALE_AFTER_HOURS,
     MAX_PAGE_SIZE,
+    SECONDS_THRESHOLD,
 )
 from pipelines.opensearch_tasks.targets import TargetError
 from pipelines.runner import (
@@ -42,7 +43,7 @@ def parse_time(text: str, option: str) -> int:
     value = text.strip()
     if value.isdigit():
         number = int(value)
-        return number * 1000 if number < 100_000_000_000 else number
+        return number * 1000 if number < SECONDS_THRESHOLD else number
     match = _RELATIVE.match(value)
     if match:
         amount, unit = int(match.group(1)), match.group(2)

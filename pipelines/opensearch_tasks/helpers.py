@@ -24,6 +24,7 @@ from pipelines.opensearch_tasks.records import (
     pick,
     read_page,
     result_items,
+    to_epoch_ms,
     total_count,
 )
 from pipelines.opensearch_tasks.settings import KNOWN_FUNCTIONS
@@ -81,9 +82,9 @@ def detect_unit(client: OpenSearchClient, target: Target) -> str:
     """One tiny request to learn whether this instance speaks seconds or milliseconds."""
     body = list_tasks_page(client, target, 1, 1, None)
     for item in result_items(body):
-        start = pick(item, "startTime", "StartTime")
-        if start:
-            return "s" if int(start) < 100_000_000_000 else "ms"
+        start_ms, was_seconds = to_epoch_ms(pick(item, "startTime", "StartTime"))
+        if start_ms is not None:
+            return "s" if was_seconds else "ms"
     return "ms"
 
 

@@ -122,15 +122,8 @@ _COLUMN_NAMES: dict[str, dict[str, str]] = {}
 _ROOT = EXTEND_INFO_PREFIX.rstrip("_")
 
 
-def column_for_path(path: tuple[str, ...]) -> str:
-    """``("metrics", "hitRate")`` -> ``extend_info__metrics__hit_rate`` (dlt's snake_case rules)."""
-    column = _ROOT
-    for part in path:
-        column = _child_column(column, part)
-    return column
-
-
 def _child_column(prefix: str, key: str) -> str:
+    """``("extend_info__metrics", "hitRate")`` -> ``extend_info__metrics__hit_rate`` (dlt's snake_case)."""
     names = _COLUMN_NAMES.get(prefix)
     if names is None:
         names = _COLUMN_NAMES[prefix] = {}
@@ -194,12 +187,12 @@ def raw_extend_info(value: Any) -> str | None:
     return orjson.dumps(value).decode()
 
 
+# Exact types (bool is not an int here); anything else (a str) is text.
+_KIND_OF_TYPE: dict[type, str] = {float: "double", int: "double", bool: "bool", str: "text"}
+
+
 def value_kind(value: Any) -> str:
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, int | float):
-        return "double"
-    return "text"
+    return _KIND_OF_TYPE.get(type(value), "text")
 
 
 @dataclass
@@ -228,9 +221,6 @@ class ColumnKinds:
         variant = f"{column}__v_{kind}"
         self.kinds.setdefault(variant, kind)
         return variant, kind
-
-
-_KIND_OF_TYPE: dict[type, str] = {float: "double", int: "double", bool: "bool", str: "text"}
 
 
 @dataclass
@@ -365,12 +355,13 @@ class TaskBatch:
         for values in extra.values():  # room for this page's rows: assigned by index below
             values.extend([None] * (size - len(values)))
         malformed = self.malformed
+        kind_of = _KIND_OF_TYPE.get
         for offset, raw in enumerate(raws):
             flat, bad = parse_extend_info(raw)
             malformed.append(bad)
             row = base + offset
             for column, value in flat.items():
-                kind = _KIND_OF_TYPE.get(type(value), "text")
+                kind = kind_of(type(value), "text")  # value_kind, inlined: hot path
                 if kinds.setdefault(column, kind) != kind:
                     column, kind = self.kinds.place(column, value)
                 values = extra.get(column)
