@@ -120,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--workers", type=_positive_int, default=8, help="instances read concurrently")
     run.add_argument(
+        "--processes",
+        type=_positive_int,
+        default=None,
+        help="processes sharing the reading work (default: one per core, at most 4; 1: threads only)",
+    )
+    run.add_argument(
         "--stale-after-hours",
         type=float,
         default=DEFAULT_STALE_AFTER_HOURS,
@@ -208,6 +214,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         page_size=args.page_size,
         max_page_size=args.max_page_size,
         workers=args.workers,
+        processes=args.processes,
         stale_after_hours=args.stale_after_hours,
         lookback_hours=args.lookback_hours,
         max_attempts=args.max_attempts,

@@ -114,7 +114,7 @@ def cursor_of(cursors: dict[str, Any], target: tuple[str, str, str]) -> Instance
 
 
 # -- a CLI process -------------------------------------------------------------------------------
-STOP_POINTS = ("none", "normalize", "normalize-commit", "load", "load-end", "models")
+STOP_POINTS = ("none", "normalize", "normalize-commit", "load", "load-copied", "load-end", "models")
 _PRELOAD = [
     "pipelines.cli",
     "pipelines.runner",
@@ -148,6 +148,18 @@ def _wrap(owner: Any, name: str, *, before: bool = False, nth: int = 1) -> None:
     setattr(owner, name, wrapper)
 
 
+def _wrap_job_completion(owner: Any, table: str) -> None:
+    """Stop before dlt marks the first job of ``table`` done (its data is already in)."""
+    original = owner.complete_job
+
+    def wrapper(self: Any, load_id: str, file_name: str) -> Any:
+        if file_name.startswith(f"{table}."):
+            _stop_here()
+        return original(self, load_id, file_name)
+
+    owner.complete_job = wrapper
+
+
 def _install_stop(point: str) -> None:
     from dlt.common.storages.load_package import PackageStorage
     from dlt.common.storages.load_storage import LoadStorage
@@ -161,6 +173,8 @@ def _install_stop(point: str) -> None:
         _wrap(LoadStorage, "commit_new_load_package")
     elif point == "load":  # the first load job done, the others not
         _wrap(PackageStorage, "complete_job")
+    elif point == "load-copied":  # the tasks file copied (committed), its job not marked done yet
+        _wrap_job_completion(PackageStorage, "function_tasks")
     elif point == "load-end":  # every job done, the load not recorded in _dlt_loads yet
         _wrap(Load, "complete_package", before=True)
     elif point == "models":  # inside the model transaction, three views created

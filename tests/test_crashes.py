@@ -199,7 +199,7 @@ def _check_rerun(scene: Scene, *, with_models: bool, follow_up: bool = False) ->
     assert_equals_truth(scene.rows(), scene.emu)
 
 
-POINTS = ["normalize", "normalize-commit", "load", "load-end", "models"]
+POINTS = ["normalize", "normalize-commit", "load", "load-copied", "load-end", "models"]
 
 
 @pytest.mark.parametrize("destination", ["duckdb", "parquet"])
@@ -224,6 +224,10 @@ def _assert_phase(scene: Scene, point: str) -> None:
         assert at["extracted"] and at["normalizing"] and not at["normalized"], at
     elif point == "normalize-commit":
         assert at["extracted"] and at["normalized"] and at["extracted"] == at["normalized"], at
+    elif point == "load-copied":  # a re-run copy must not duplicate rows (runner's repair)
+        (load_id,) = at["normalized"]
+        package = scene.working_dir / "load" / "normalized" / load_id
+        assert list((package / "started_jobs").glob("function_tasks.*")), scene.jobs(load_id)
     elif point in ("load", "load-end"):
         (load_id,) = at["normalized"]
         jobs = scene.jobs(load_id)
@@ -268,6 +272,76 @@ def test_kill_9_of_the_real_cli_command_during_extraction(scene_for, tmp_path):
             process.kill()
             process.wait(30)
     assert process.returncode == -signal.SIGKILL
+    scene.emu.clear_faults()
+    _check_rerun(scene, with_models=False, follow_up=True)
+
+
+def _children(pid: int) -> set[int]:
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found |= {int(p) for p in (task / "children").read_text().split()}
+    return found
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's zombie waits for whoever adopted it to reap it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _real_cli(scene: Scene, tmp_path: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    log = tmp_path / "cli.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pipelines.cli", *scene.argv("--no-models", page_size=1)],
+            env={**os.environ, **cli_env()},
+            cwd=tmp_path,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    return process, log
+
+
+def test_kill_9_of_the_loader_leaves_no_reading_process(scene_for, tmp_path):
+    scene = scene_for("duckdb")
+    scene.emu.set_faults(FaultPlan(latency_ms=1000))  # readers would have seconds of work left
+    process, log = _real_cli(scene, tmp_path)
+    try:
+        _kill_after_requests(scene, lambda: process.poll() is None, log.read_text)
+        readers = _children(process.pid)
+        assert len(readers) >= 2, "the loader should read with its default reading processes"
+    finally:
+        process.kill()
+        process.wait(30)
+    deadline = time.monotonic() + 1
+    while any(_running(pid) for pid in readers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = [pid for pid in readers if _running(pid)]
+    assert not left, f"reading processes outlived the killed loader: {left}"
+
+
+def test_a_killed_reading_process_fails_only_its_unfinished_instances(scene_for, tmp_path):
+    scene = scene_for("duckdb")
+    scene.emu.set_faults(FaultPlan(latency_ms=250))
+    process, log = _real_cli(scene, tmp_path)
+    try:
+        first = scene.emu.request_count
+        deadline = time.monotonic() + PHASE_TIMEOUT
+        while scene.emu.request_count < first + 2 and time.monotonic() < deadline:
+            time.sleep(0.005)  # reading has begun, no instance can have finished (250 ms a page)
+        victim = min(_children(process.pid))
+        os.kill(victim, signal.SIGKILL)  # what the OOM killer would do
+        assert process.wait(PHASE_TIMEOUT) == 1, log.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(30)
+    output = log.read_text()
+    assert "the reading process was killed by signal 9 before this instance finished" in output
+    assert "Traceback" not in output
     scene.emu.clear_faults()
     _check_rerun(scene, with_models=False, follow_up=True)
 

@@ -6,11 +6,13 @@ import os
 import subprocess
 import sys
 
+import duckdb
 import pytest
 
 from pipelines.emulator import FaultPlan
 from pipelines.opensearch_tasks.cursor import InstanceCursor
 from pipelines.runner import run
+from tests.cli_helpers import assert_truth_as_of
 from tests.pipeline_helpers import (
     AK,
     KEY,
@@ -198,6 +200,31 @@ def test_page_drift_during_paging_leaves_one_row_per_task(make_emulator, tmp_pat
     assert_equals_truth(duckdb_rows(config.duckdb_path), emu)
 
 
+def test_a_listing_growing_faster_than_pages_switches_to_large_pages_or_fails_loudly(
+    make_emulator, tmp_path
+):
+    """Two tasks start per page read and pages hold one: small pages alone would never end."""
+    emu = make_emulator(keys={AK: SECRET}, **SMALL)
+    grown = config_for(emu, tmp_path / "grown", page_size=1, max_page_size=8)
+    run_ok(grown)  # first load; the incremental run below pages by 1 while tasks start
+    stuck = config_for(emu, tmp_path / "stuck", page_size=1, max_page_size=1)
+    run_ok(stuck)
+    emu.advance(hours=6)
+    emu.set_faults(FaultPlan(drift_tasks_per_page=2))
+    began = emu.now_ms
+    run_ok(grown)
+    assert_truth_as_of(duckdb_rows(grown.duckdb_path), emu, began)
+
+    result = run(stuck)  # no larger page to switch to: a bounded, explained failure per instance
+    assert result.report.failures and all(
+        "grew faster than it could be read" in failure and "--page-size" in failure
+        for failure in result.report.failures
+    )
+    emu.clear_faults()
+    run_ok(stuck)  # the cursors stayed: the next run ends with exactly the truth
+    assert_equals_truth(duckdb_rows(stuck.duckdb_path), emu)
+
+
 def test_throttling_and_5xx_are_retried(make_emulator, tmp_path):
     emu = make_emulator(keys={AK: SECRET}, **SMALL)
     emu.set_faults(FaultPlan(seed=3, throttle_rate=0.25, error_5xx_rate=0.15))
@@ -331,3 +358,49 @@ def test_a_server_that_caps_the_page_size_loses_nothing(make_emulator, tmp_path)
     config = config_for(emu, tmp_path, page_size=25, max_page_size=1000)
     run_ok(config)
     assert_equals_truth(duckdb_rows(config.duckdb_path), emu)
+
+
+def test_repair_after_a_resumed_load_keeps_one_row_per_task(emu, tmp_path):
+    """The merge skips dlt's staging dedup; a resumed package is followed by this repair."""
+    from pipelines.runner import remove_duplicate_rows
+
+    config = config_for(emu, tmp_path)
+    run_ok(config)
+    with duckdb.connect(config.duckdb_path) as con:  # what a copy job run twice would leave
+        con.execute(
+            "insert into opensearch_tasks.function_tasks "
+            "select * from opensearch_tasks.function_tasks where status = 'success' limit 25"
+        )
+    with pytest.raises(AssertionError, match="duplicate"):
+        by_key(duckdb_rows(config.duckdb_path))
+    assert remove_duplicate_rows(config.duckdb_path) == 25
+    assert_equals_truth(duckdb_rows(config.duckdb_path), emu)
+    assert remove_duplicate_rows(config.duckdb_path) == 0
+
+
+@pytest.mark.parametrize("destination", ["duckdb", "parquet"])
+def test_reading_processes_load_what_threads_load(make_emulator, tmp_path, destination):
+    """Forked readers (the default on Linux) and one process give the same rows and cursors."""
+    emu = make_emulator(keys={AK: SECRET}, **{**SMALL, "tasks_per_instance": 120})
+    tables, cursors = [], []
+    for processes in (1, 3):
+        where = tmp_path / f"p{processes}"
+        extra = {"destination": "parquet", "parquet_dir": str(where / "lake")}
+        config = config_for(
+            emu, where, processes=processes, page_size=9, **(extra if destination == "parquet" else {})
+        )
+        before = emu.request_count
+        result = run_ok(config)
+        assert result.report.requests == emu.request_count - before  # children's requests counted
+        rows = (
+            duckdb_rows(config.duckdb_path)
+            if destination == "duckdb"
+            else parquet_newest_rows(str(where / "lake"))
+        )
+        assert_equals_truth(rows, emu)
+        ignored = {"_dlt_load_id", "fetched_at"}
+        keyed = by_key(rows)
+        tables.append({k: {c: v for c, v in r.items() if c not in ignored} for k, r in keyed.items()})
+        cursors.append({i.target: i.cursor for i in result.report.instances})
+    assert tables[0] == tables[1]
+    assert cursors[0] == cursors[1]

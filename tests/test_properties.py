@@ -205,3 +205,29 @@ def test_random_schedules_end_equal_to_the_truth(schedule, page_size, destinatio
             else:
                 run_ok(config)
                 assert_equals_truth(rows(), emu)
+
+
+KIND_TYPES = {"double": pa.float64(), "bool": pa.bool_(), "text": pa.string()}
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(items=st.lists(tasks(), min_size=2, max_size=6), split=st.integers(0, 6))
+def test_reconciled_tables_of_two_processes_lose_no_value(items, split):
+    """Two reading processes flatten with their own kinds; the loader's reconcile renames, never drops."""
+    parent = ColumnKinds()
+    halves = [half for half in (items[:split], items[split:]) if half]
+    try:
+        tables = [records_to_table(half, TARGET, 1, ColumnKinds()) for half in halves]
+    except RecordError:
+        return
+    for table in tables:
+        reconciled = parent.reconcile(table)
+        assert reconciled.num_rows == table.num_rows
+        for before, after in zip(table.column_names, reconciled.column_names, strict=True):
+            assert reconciled.column(after).equals(table.column(before))  # values untouched
+            if not before.startswith("extend_info__"):
+                assert after == before
+                continue
+            # kept, or moved to the variant of its own kind; either way one type per name
+            assert after in (before, f"{before}__v_{parent.kinds[after]}")
+            assert reconciled.schema.field(after).type == KIND_TYPES[parent.kinds[after]]

@@ -7,11 +7,9 @@ flattening, the cursor and the paging are in ``client.py``, ``records.py``, ``cu
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import queue
-import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,14 +24,14 @@ from pipelines.opensearch_tasks.client import (
     OpenSearchError,
     RetryPolicy,
 )
-from pipelines.opensearch_tasks.cursor import InstanceCursor
-from pipelines.opensearch_tasks.helpers import (
-    InstanceReport,
-    ReadOptions,
-    discover_instances,
-    read_instance,
+from pipelines.opensearch_tasks.concurrency import (
+    Reading,
+    default_processes,
+    read_in_processes,
+    read_in_threads,
 )
-from pipelines.opensearch_tasks.records import ColumnKinds, RecordError, Target
+from pipelines.opensearch_tasks.helpers import InstanceReport, ReadOptions, discover_instances
+from pipelines.opensearch_tasks.records import ColumnKinds, Target
 from pipelines.opensearch_tasks.settings import (
     DEFAULT_PAGE_SIZE,
     DEFAULT_REGION,
@@ -77,6 +75,7 @@ def opensearch_tasks(
     page_size: int = DEFAULT_PAGE_SIZE,
     max_page_size: int = MAX_PAGE_SIZE,
     workers: int = 8,
+    processes: int | None = None,
     stale_after_hours: float = DEFAULT_STALE_AFTER_HOURS,
     lookback_hours: float = 0,
     since_ms: int | None = None,
@@ -98,6 +97,9 @@ def opensearch_tasks(
         max_page_size: a deep history (more tasks than one page) is read with pages this large;
             incremental runs never need it. Set it equal to ``page_size`` to page by one size.
         workers: instances read concurrently (requests in flight at most).
+        processes: processes reading (forked; the ``workers`` are shared among them); ``None``:
+            one per core, at most 4, where forking is safe (Linux), else 1. They share the CPU-bound
+            work (JSON, flattening, Arrow); dlt itself runs in the calling process.
         stale_after_hours: an open task older than this stops holding the cursor back.
         lookback_hours: re-read this much history before the cursor on every run.
         since_ms / until_ms: a backfill window (epoch ms); it does not move the stored cursor.
@@ -125,8 +127,13 @@ def opensearch_tasks(
         since_ms=since_ms,
         until_ms=until_ms,
     )
-    resource = function_tasks(client, specs, options, workers=workers, report=report or RunReport())
-    resource.apply_hints(write_disposition=write_disposition)  # type: ignore[arg-type]
+    resource = function_tasks(
+        client, specs, options, workers=workers, processes=processes, report=report or RunReport()
+    )
+    resource.apply_hints(
+        write_disposition=write_disposition,  # type: ignore[arg-type]
+        additional_table_hints={"x-stage-data-deduplicated": True},
+    )
     return resource
 
 
@@ -136,81 +143,40 @@ def function_tasks(
     specs: Sequence[TargetSpec],
     options: ReadOptions,
     workers: int = 8,
+    processes: int | None = None,
     report: RunReport | None = None,
 ) -> Iterator[pa.Table]:
     """Yields Arrow tables of task rows; keeps one cursor per instance in resource state.
 
-    Instances are read concurrently; one failing instance is reported and keeps its old cursor,
-    while the others' rows and cursors are kept.
+    Instances are read concurrently (``concurrency.py``); one failing instance is reported and
+    keeps its old cursor, while the others' rows and cursors are kept.
     """
     report = report if report is not None else RunReport()
     state = dlt.current.resource_state()
     cursors: dict[str, Any] = state.setdefault("instances", {})
     kinds = ColumnKinds.from_dlt_columns(_known_columns())
     targets = _resolve_targets(client, specs, report)
-    pages: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=max(2, workers * 2))
-    stop = threading.Event()  # set when the consumer is gone: workers must neither read nor block
-    fatal: list[OpenSearchError] = []
-
-    def put(item: tuple[str, Any]) -> None:
-        while not stop.is_set():
-            try:
-                pages.put(item, timeout=0.5)
-                return
-            except queue.Full:
+    report.planned = len(targets)
+    reading = Reading(client, options, kinds, dict(cursors))
+    processes = min(processes or default_processes(), workers, len(targets))
+    if processes > 1:
+        events = read_in_processes(reading, targets, workers, processes)
+    else:
+        events = read_in_threads(reading, targets, workers)
+    child_requests = child_retries = 0
+    with contextlib.closing(events):
+        for kind, payload in events:
+            if kind == "rows":
+                yield payload
                 continue
-
-    def emit(table: pa.Table) -> None:
-        put(("rows", table))
-        if stop.is_set():
-            raise _RunClosed  # nobody reads the rows any more: stop paging this instance
-
-    def work(target: Target) -> None:
-        if stop.is_set() or fatal:
-            return  # the run is over (failed or closed): do not start another instance
-        requests_before, retries_before = client.thread_counts()
-        try:
-            cursor = InstanceCursor.from_state(cursors.get(target.key))
-            result = read_instance(client, target, cursor, options, kinds, emit)
-        except _RunClosed:
-            return
-        except (OpenSearchError, RecordError) as error:
-            if isinstance(error, OpenSearchError) and error.is_credentials_error:
-                fatal.append(error)
-            result = InstanceReport(target, error=str(error))
-        except Exception as error:  # a bug must fail this instance loudly, never hang the run
-            logger.debug("%s: unexpected error", target, exc_info=True)
-            result = InstanceReport(target, error=f"unexpected {type(error).__name__}: {error}")
-        if result.error:  # the summary of a failed instance still shows what it tried
-            requests_after, retries_after = client.thread_counts()
-            result.requests = requests_after - requests_before
-            result.retries = retries_after - retries_before
-        put(("done", result))
-
-    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="opensearch") as pool:
-        for target in targets:
-            pool.submit(work, target)
-        remaining = report.planned = len(targets)
-        try:
-            while remaining:
-                kind, payload = pages.get()
-                if kind == "rows":
-                    yield payload
-                    continue
-                if fatal:  # wrong credentials: every other instance would fail the same way
-                    raise fatal[0]
-                remaining -= 1
-                _finish_instance(payload, cursors, report)
-                if report.on_progress is not None:
-                    report.on_progress(payload, len(report.instances), report.planned)
-        finally:
-            stop.set()
-    report.requests = client.stats.requests
-    report.retries = client.stats.retries
-
-
-class _RunClosed(Exception):
-    """The resource's consumer is gone (the run failed or was closed)."""
+            if processes > 1:  # counted in a child process: this client never saw them
+                child_requests += payload.requests
+                child_retries += payload.retries
+            _finish_instance(payload, cursors, report)
+            if report.on_progress is not None:
+                report.on_progress(payload, len(report.instances), report.planned)
+    report.requests = client.stats.requests + child_requests
+    report.retries = client.stats.retries + child_retries
 
 
 def _finish_instance(result: InstanceReport, cursors: dict[str, Any], report: RunReport) -> None:

@@ -108,6 +108,19 @@ class OpenSearchError(Exception):
         self.retry_after_seconds = retry_after_seconds
         super().__init__(self._render())
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Picklable with every field (a reading process sends its errors to the loader)."""
+        fields = {
+            "code": self.code,
+            "status": self.status,
+            "request_id": self.request_id,
+            "message": self.api_message,
+            "attempts": self.attempts,
+            "retryable": self.retryable,
+            "retry_after_seconds": self.retry_after_seconds,
+        }
+        return _rebuild_error, (type(self), self.what, fields)
+
     @property
     def is_credentials_error(self) -> bool:
         """The credentials are wrong (not this request): no other request can succeed."""
@@ -129,6 +142,10 @@ class OpenSearchError(Exception):
         if hint:
             parts.append(f"hint: {hint}")
         return ": ".join(parts[:1]) + (" (" + "; ".join(parts[1:]) + ")" if parts[1:] else "")
+
+
+def _rebuild_error(kind: type[OpenSearchError], what: str, fields: dict[str, Any]) -> OpenSearchError:
+    return kind(what, **fields)
 
 
 class CredentialsError(OpenSearchError):

@@ -125,15 +125,26 @@ def read_instance(
     size, can_grow, first_total = options.page_size, options.max_page_size > options.page_size, None
     if can_grow and (cursor.max_start_ms is None or options.since_ms is not None):
         size, can_grow = options.max_page_size, False  # a first load or a backfill: a deep read
-    page_number = 0
+    page_number = pages_read = 0
+    last_total: int | None = None
     while True:
         page_number += 1
+        pages_read += 1
+        if first_total is not None and pages_read > _page_budget(first_total, options.page_size):
+            raise ListingError(
+                f"the task listing grew faster than it could be read ({pages_read - 1} pages, from "
+                f"{first_total} to {last_total} tasks); use a larger --page-size / --max-page-size "
+                "(this instance keeps its cursor)"
+            )
         body = list_tasks_page(client, target, page_number, size, start_filter)
         items = result_items(body)
         total = total_count(body)
         if first_total is None:
             first_total = total
         page = read_page(items, target)
+        shifted_before = report.duplicates_skipped
+        growing = total is not None and last_total is not None and total > last_total
+        last_total = total
         keep: list[int] = []
         for index, run_id in enumerate(page.run_id):
             if run_id in seen:
@@ -188,6 +199,14 @@ def read_instance(
             reread = set(seen)
             size, can_grow, page_number = options.max_page_size, False, 0
             continue
+        shifted = growing or report.duplicates_skipped > shifted_before
+        if shifted and size < options.max_page_size:
+            # Tasks start faster than small pages advance: read on with large pages, from a page
+            # that overlaps what was read (overlapping tasks are skipped as seen).
+            read_up_to = page_number * size
+            size, can_grow = options.max_page_size, False
+            page_number = read_up_to // size
+            continue
         if total is not None and page_number * size >= total + size:
             break  # defensive: never page past what the server says exists
     if len(batch):
@@ -200,6 +219,16 @@ def read_instance(
     report.retries = retries_after - retries_before
     report.seconds = time.perf_counter() - started
     return report
+
+
+class ListingError(ValueError):
+    """An instance's listing could not be read to its end (reported; the cursor stays)."""
+
+
+def _page_budget(first_total: int, page_size: int) -> int:
+    """Requests one instance may take: four times what its first count needs, plus slack, so a
+    listing that grows faster than it is read fails loudly instead of paging forever."""
+    return 10 + 4 * -(-first_total // max(1, page_size))
 
 
 def discover_instances(

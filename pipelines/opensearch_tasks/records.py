@@ -52,6 +52,7 @@ CORE_SCHEMA = pa.schema(
 CORE_NAMES: tuple[str, ...] = tuple(CORE_SCHEMA.names)
 
 _KIND_TYPES: dict[str, pa.DataType] = {"double": pa.float64(), "bool": pa.bool_(), "text": pa.string()}
+_KIND_OF_ARROW_TYPE: dict[pa.DataType, str] = {t: k for k, t in _KIND_TYPES.items()}
 # dlt's own data type names, used to seed kinds from a stored schema.
 _DLT_TYPE_KINDS = {"double": "double", "bigint": "double", "decimal": "double", "bool": "bool"}
 
@@ -211,6 +212,23 @@ class ColumnKinds:
             if name.startswith(EXTEND_INFO_PREFIX) and "__v_" not in name:
                 kinds[name] = _DLT_TYPE_KINDS.get(str(column.get("data_type")), "text")
         return cls(kinds)
+
+    def reconcile(self, table: pa.Table) -> pa.Table:
+        """A table flattened against another process's kinds -> this registry's columns.
+
+        A column whose kind this registry knows differently moves to its variant column, where
+        ``place`` would have put each of its values: a column is renamed, never a value dropped.
+        """
+        renamed: list[str] | None = None
+        for index, field_ in enumerate(table.schema):
+            if not field_.name.startswith(EXTEND_INFO_PREFIX):
+                continue
+            kind = _KIND_OF_ARROW_TYPE[field_.type]
+            if self.kinds.setdefault(field_.name, kind) != kind:
+                renamed = renamed or list(table.column_names)
+                renamed[index] = f"{field_.name}__v_{kind}"
+                self.kinds.setdefault(renamed[index], kind)
+        return table.rename_columns(renamed) if renamed else table
 
     def place(self, column: str, value: Any) -> tuple[str, str]:
         """Return (column to write, kind) for a value, registering the column when new."""
