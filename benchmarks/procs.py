@@ -176,23 +176,62 @@ def status_kib(pid: int | str, field: str) -> int:
     return 0
 
 
+def child_pids(pid: int) -> list[int]:
+    """Direct children of ``pid`` (all its threads), from ``/proc/PID/task/*/children``."""
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as handle:
+                found.extend(int(p) for p in handle.read().split())
+        except OSError:
+            continue
+    return found
+
+
+def tree_pss_kib(pid: int) -> int:
+    """Proportional set size of ``pid`` and every descendant, summed: memory shared between forked
+    processes counts once in all (RSS would count it in each)."""
+    total, stack = 0, [pid]
+    while stack:
+        current = stack.pop()
+        try:
+            with open(f"/proc/{current}/smaps_rollup") as handle:
+                for line in handle:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1])
+                        break
+        except OSError:
+            continue
+        stack.extend(child_pids(current))
+    return total
+
+
 class _HighWaterPoller(threading.Thread):
-    """Polls the child's VmHWM (peak RSS of its own address space, after exec) until stopped."""
+    """Polls the child's VmHWM (peak RSS of its own address space, after exec) and the summed PSS of
+    its process tree (the loader forks reading processes) until stopped."""
 
     def __init__(self, pid: int, interval_s: float = 0.02) -> None:
         super().__init__(daemon=True)
-        self.pid, self.interval_s, self.peak_kib = pid, interval_s, 0
+        self.pid, self.interval_s, self.peak_kib, self.peak_tree_kib = pid, interval_s, 0, 0
         self._stop_event = threading.Event()
 
     def run(self) -> None:
+        polls = 0
         while not self._stop_event.is_set():
             self.peak_kib = max(self.peak_kib, status_kib(self.pid, "VmHWM"))
+            if polls % 5 == 0:  # every 100 ms: smaps_rollup costs the kernel ~1 ms per process
+                self.peak_tree_kib = max(self.peak_tree_kib, tree_pss_kib(self.pid))
+            polls += 1
             self._stop_event.wait(self.interval_s)
 
-    def stop(self) -> int:
+    def stop(self) -> tuple[int, int]:
         self._stop_event.set()
         self.join()
-        return self.peak_kib
+        return self.peak_kib, self.peak_tree_kib
 
 
 def run_child(
@@ -202,7 +241,9 @@ def run_child(
 
     Peak RSS: ``wait4``'s ``ru_maxrss`` is exact (no sampling) but starts from the parent's RSS at
     fork, so it is used only when it is clearly above the harness's own size; otherwise the polled
-    VmHWM (every 20 ms; it can miss a spike in the child's last 20 ms) is reported.
+    VmHWM (every 20 ms; it can miss a spike in the child's last 20 ms) is reported. ``ru_maxrss``
+    is the largest single process, so when the summed PSS of the process tree (the loader and its
+    reading processes, polled) is larger, that sum is reported instead.
     """
     out_path = cwd / f"child-{time.monotonic_ns()}.out"
     err_path = out_path.with_suffix(".err")
@@ -219,11 +260,13 @@ def run_child(
         finally:
             timer.cancel()
         wall = time.perf_counter() - started
-        polled_kib = poller.stop()
+        polled_kib, tree_kib = poller.stop()
     proc.returncode = os.waitstatus_to_exitcode(status)
     peak_kib, source = usage.ru_maxrss, "wait4"  # Linux reports KiB
     if peak_kib <= harness_kib * 1.1:
         peak_kib, source = polled_kib, "polled VmHWM"
+    if tree_kib > peak_kib:  # several processes at once used more than the biggest one alone
+        peak_kib, source = tree_kib, "polled PSS of the process tree"
     return ChildRun(
         wall_s=wall,
         peak_rss_mb=peak_kib / 1024,

@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
                 stderr=subprocess.DEVNULL,
             )
             time.sleep(0.5)
-            prefix = (py_spy, "record", "--threads", "--rate", str(args.rate), "--format", "raw")
+            prefix = (py_spy, "record", "--threads", "--subprocesses", "--rate", str(args.rate))
+            prefix += ("--format", "raw")
             prefix += ("--gil",) if args.gil else ()
             prefix += ("--output", str(loader_out), "--")
             where = bench.fresh_dir("profile")

@@ -247,6 +247,9 @@ def run_scenarios(bench: scenarios.Bench, only: set[str], figures: dict[str, Any
         figures["network_requests"] = load.requests
         figures["network_requests_per_instance"] = net["requests_per_instance"]
         figures["network_run_seconds"] = round(load.child["run_s"], 2)
+        figures["network_efficiency_pages_of_100"] = round(net["pages_of_100_efficiency"], 3)
+        figures["network_seconds_pages_of_100"] = round(net["pages_of_100_seconds"], 2)
+        figures["network_requests_pages_of_100"] = net["pages_of_100_requests"]
     if "noop" in only:
         noop = scenarios.noop(bench)
         for dest, pair in noop.items():
@@ -298,11 +301,17 @@ def print_table(bench: scenarios.Bench, figures: dict[str, Any], sizes: scenario
         ),
         "network_efficiency": (
             f"floor {figures.get('network_floor_s', 0)}s = {figures.get('network_requests', 0)} req x "
-            f"50 ms / 8; wall {figures.get('network_seconds', 0)}s"
+            f"50 ms / 8; wall {figures.get('network_seconds', 0)}s (pages of 100: "
+            f"{figures.get('network_requests_pages_of_100', 0)} req, efficiency "
+            f"{figures.get('network_efficiency_pages_of_100', 0)}, "
+            f"{figures.get('network_seconds_pages_of_100', 0)}s)"
         ),
         "noop_requests_per_instance": "max of DuckDB / Parquet reruns, counted by the emulator",
         "noop_seconds": "max of DuckDB / Parquet reruns, spawn to exit",
-        "peak_rss_mb": "max of DuckDB / Parquet backfills (wait4 ru_maxrss; * = polled VmHWM)",
+        "peak_rss_mb": (
+            "max of DuckDB / Parquet backfills (wait4 ru_maxrss; * = polled VmHWM, or the summed "
+            "PSS of the loader and its reading processes when larger)"
+        ),
         "rss_growth": f"peak RSS {sizes.backfill * 200:,} / {sizes.small * 200:,} tasks",
         "models_seconds": "build every model + count(*) each view",
     }
