@@ -121,9 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=_positive_int, default=8, help="instances read concurrently")
     run.add_argument(
         "--processes",
-        type=_positive_int,
+        type=int,
         default=None,
-        help="processes sharing the reading work (default: one per core, at most 4; 1: threads only)",
+        help="reading processes beside the loader (default: cores - 1, at most 3; 0: threads only)",
     )
     run.add_argument(
         "--stale-after-hours",

@@ -84,7 +84,7 @@ class RunConfig:
     page_size: int = DEFAULT_PAGE_SIZE
     max_page_size: int = MAX_PAGE_SIZE
     workers: int = 8
-    processes: int | None = None  # reading processes; None: one per core (at most 4)
+    processes: int | None = None  # reading processes beside the loader; None: cores - 1 (<= 3)
     stale_after_hours: float = DEFAULT_STALE_AFTER_HOURS
     lookback_hours: float = 0
     max_attempts: int = 6
@@ -110,8 +110,8 @@ class RunConfig:
             )
         if not 1 <= self.workers <= 64:
             raise UsageError(f"--workers must be between 1 and 64, got {self.workers}")
-        if self.processes is not None and not 1 <= self.processes <= 64:
-            raise UsageError(f"--processes must be between 1 and 64, got {self.processes}")
+        if self.processes is not None and not 0 <= self.processes <= 64:
+            raise UsageError(f"--processes must be between 0 and 64, got {self.processes}")
         if not 1 <= self.max_attempts <= 100:
             raise UsageError(f"--max-attempts must be between 1 and 100, got {self.max_attempts}")
         for option, hours in (

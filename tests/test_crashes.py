@@ -312,7 +312,7 @@ def test_kill_9_of_the_loader_leaves_no_reading_process(scene_for, tmp_path):
     try:
         _kill_after_requests(scene, lambda: process.poll() is None, log.read_text)
         readers = _children(process.pid)
-        assert len(readers) >= 2, "the loader should read with its default reading processes"
+        assert readers, "the loader should read with its default reading process"
     finally:
         process.kill()
         process.wait(30)

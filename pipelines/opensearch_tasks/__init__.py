@@ -97,9 +97,10 @@ def opensearch_tasks(
         max_page_size: a deep history (more tasks than one page) is read with pages this large;
             incremental runs never need it. Set it equal to ``page_size`` to page by one size.
         workers: instances read concurrently (requests in flight at most).
-        processes: processes reading (forked; the ``workers`` are shared among them); ``None``:
-            one per core, at most 4, where forking is safe (Linux), else 1. They share the CPU-bound
-            work (JSON, flattening, Arrow); dlt itself runs in the calling process.
+        processes: reading processes forked beside this one; they do the CPU-bound reading work
+            (HTTP, JSON, flattening, Arrow) and share the ``workers``, while dlt's work stays in this
+            process. ``0``: read with threads here. ``None``: one per core but one, at most 3,
+            where forking is safe (Linux), else 0.
         stale_after_hours: an open task older than this stops holding the cursor back.
         lookback_hours: re-read this much history before the cursor on every run.
         since_ms / until_ms: a backfill window (epoch ms); it does not move the stored cursor.
@@ -158,8 +159,8 @@ def function_tasks(
     targets = _resolve_targets(client, specs, report)
     report.planned = len(targets)
     reading = Reading(client, options, kinds, dict(cursors))
-    processes = min(processes or default_processes(), workers, len(targets))
-    if processes > 1:
+    processes = min(default_processes() if processes is None else processes, workers, len(targets))
+    if processes > 0:
         events = read_in_processes(reading, targets, workers, processes)
     else:
         events = read_in_threads(reading, targets, workers)
@@ -169,7 +170,7 @@ def function_tasks(
             if kind == "rows":
                 yield payload
                 continue
-            if processes > 1:  # counted in a child process: this client never saw them
+            if payload.read_in_child:  # counted in a child process: this client never saw them
                 child_requests += payload.requests
                 child_retries += payload.retries
             _finish_instance(payload, cursors, report)

@@ -52,6 +52,7 @@ class InstanceReport:
     seconds_unit: bool = False
     error: str | None = None
     cursor: InstanceCursor | None = field(default=None, repr=False)
+    read_in_child: bool = False  # counted by a reading process's client, not the loader's
 
 
 @dataclass(frozen=True)
