@@ -217,6 +217,19 @@ def test_kill_9_in_a_phase_then_rerun_gives_the_truth(scene_for, tmp_path, desti
     _check_rerun(scene, with_models=point == "models", follow_up=point == "normalize-commit")
 
 
+def test_kill_9_after_a_first_load_copied_its_rows_then_rerun_gives_the_truth(tmp_path):
+    """A first load appends (nothing to merge with): a copy run twice after the kill is repaired."""
+    with Emulator(SPEC, keys={AK: SECRET}) as emu:
+        scene = Scene("duckdb", tmp_path / "fresh", emu)
+        child = CliProcess(scene.argv("--no-models"), tmp_path, stop_at="load-copied").start()
+        try:
+            child.wait_stopped(PHASE_TIMEOUT)
+            _assert_phase(scene, "load-copied")
+        finally:
+            assert child.kill() == -signal.SIGKILL
+        _check_rerun(scene, with_models=False, follow_up=True)
+
+
 def _assert_phase(scene: Scene, point: str) -> None:
     """The working folder shows the phase the process was stopped in."""
     at = scene.packages()
