@@ -15,7 +15,11 @@ Usage::
     con.sql("select * from analytics.overall_success_rates").show()
 
 Views are bound when queried, so new rows (and new Parquet files) show up without a rebuild; rebuild
-after the first load, or when the source or ``sql/`` changes.
+after the first load, or when the source or ``sql/`` changes. One fact is taken at build time: whether
+the source holds one row per task (``raw.model_settings.source_has_one_row_per_task``), which lets
+staging skip ranking the versions of each task. Every build checks it, exactly, for the DuckDB table
+(the loader keeps one row per task there, and rebuilds after each load); over Parquet, where each
+load appends a version, staging always ranks.
 """
 
 from __future__ import annotations
@@ -67,6 +71,9 @@ RAW_COLUMN_TYPES: dict[str, str] = {
     "_dlt_load_id": "varchar",
     "_dlt_id": "varchar",
 }
+
+# A task's key: the loaded table's primary key, and the grain of staging.
+KEY_COLUMNS: tuple[str, ...] = ("app_group", "function_name", "instance_name", "run_id")
 
 # Which raw relations each layer may read: marts read staging, never the source itself.
 ALLOWED_RAW: dict[str, frozenset[str]] = {
@@ -161,6 +168,32 @@ def _source_relation(
     return f"read_parquet({quote_literal(pattern)}, union_by_name = true)"
 
 
+def source_has_one_row_per_task(
+    con: duckdb.DuckDBPyConnection, source: Source, source_relation: str | None
+) -> bool:
+    """Whether staging may skip ranking versions: no task key is repeated in the source.
+
+    Checked for a DuckDB table (the loader keeps it so between builds); true when nothing is
+    loaded; never for Parquet, where every load appends a version of the tasks it read.
+    """
+    if source_relation is None:
+        return True
+    if source != "duckdb":
+        return False
+    # Exact, in two passes: the key hashes seen more than once (cheap to group), then the keys of
+    # just those rows. A repeated key always repeats its hash; a collision only adds rows to check.
+    keys = ", ".join(KEY_COLUMNS)
+    rows = f"({raw_view_sql(source_relation)})"  # every key column present, as staging sees it
+    row = con.execute(
+        f"with repeated_hashes as (select hash({keys}) as key_hash from {rows} "
+        "group by key_hash having count(*) > 1) "
+        f"select count(*) from (select 1 from {rows} "
+        f"where hash({keys}) in (select key_hash from repeated_hashes) "
+        f"group by {keys} having count(*) > 1 limit 1)"
+    ).fetchone()
+    return bool(row) and row[0] == 0
+
+
 def raw_view_sql(source_relation: str | None) -> str:
     """``raw.function_tasks``: the source, with every contract column present and typed.
 
@@ -181,13 +214,15 @@ def _create_raw(
     con: duckdb.DuckDBPyConnection,
     source_relation: str | None,
     stale_after_hours: float,
+    one_row_per_task: bool = False,
 ) -> None:
     """Create the ``raw`` schema: the source relation and the one-row model settings."""
     con.execute(f"create schema if not exists {RAW_SCHEMA}")
     con.execute(f"create or replace view {RAW_SCHEMA}.{TABLE_NAME} as {raw_view_sql(source_relation)}")
     con.execute(
         f"create or replace view {RAW_SCHEMA}.model_settings as "
-        f"select cast({float(stale_after_hours)!r} as double) as stale_after_hours"
+        f"select cast({float(stale_after_hours)!r} as double) as stale_after_hours, "
+        f"{'true' if one_row_per_task else 'false'} as source_has_one_row_per_task"
     )
 
 
@@ -288,9 +323,10 @@ def build_models(
         raise ValueError(f"stale_after_hours must be a finite number >= 0, not {stale_after_hours}")
     models = discover_models(sql_dir)
     source_relation = _source_relation(con, source, parquet_dir, dataset)
+    one_row_per_task = source_has_one_row_per_task(con, source, source_relation)
     con.execute("begin transaction")
     try:
-        _create_raw(con, source_relation, stale_after_hours)
+        _create_raw(con, source_relation, stale_after_hours, one_row_per_task)
         con.execute(f"create schema if not exists {MODEL_SCHEMA}")
         for model in models:
             _create_model(con, model)
@@ -300,7 +336,11 @@ def build_models(
     con.execute("commit")
     built = [f"{MODEL_SCHEMA}.{model.name}" for model in models]
     logger.info(
-        "built %d models over %s (%s)", len(built), source, source_relation or "nothing loaded yet"
+        "built %d models over %s (%s%s)",
+        len(built),
+        source,
+        source_relation or "nothing loaded yet",
+        ", one row per task" if source_relation and one_row_per_task else "",
     )
     return built
 

@@ -181,6 +181,103 @@ def test_start_date_is_the_utc_date_in_any_session_time_zone(fixture_dir: Path) 
     assert row == (dt.date(2024, 3, 4),)
 
 
+def one_row_per_task(con: duckdb.DuckDBPyConnection) -> bool:
+    """What the build found: whether staging reads the source without ranking versions."""
+    row = con.execute("select source_has_one_row_per_task from raw.model_settings").fetchone()
+    assert row is not None
+    return bool(row[0])
+
+
+def staging_plan(con: duckdb.DuckDBPyConnection) -> str:
+    """The physical plan of reading staging in full."""
+    rows = con.execute("explain select * from analytics.stg_function_tasks").fetchall()
+    return "\n".join(str(row[-1]) for row in rows)
+
+
+def test_staging_ranks_versions_only_when_the_source_may_repeat_a_task(
+    duck_con: duckdb.DuckDBPyConnection, parquet_con: duckdb.DuckDBPyConnection
+) -> None:
+    # the merged table was checked at build time: one row per task, nothing to rank
+    assert one_row_per_task(duck_con)
+    assert "WINDOW" not in staging_plan(duck_con).upper()
+    # Parquet appends versions, whatever the files held at build time
+    assert not one_row_per_task(parquet_con)
+    assert "WINDOW" in staging_plan(parquet_con).upper()
+
+
+def write_appended_duckdb_source(path: Path, parquet_dir: Path) -> Path:
+    """A DuckDB table holding every version, as an append (not a merge) would leave it."""
+    with duckdb.connect(str(path)) as con:
+        con.execute("create schema if not exists opensearch_tasks")
+        con.execute(
+            "create table opensearch_tasks.function_tasks as "
+            "select * from read_parquet(?, union_by_name = true)",
+            [parquet_glob(parquet_dir)],
+        )
+    return path
+
+
+def test_a_duckdb_table_with_a_repeated_task_is_ranked_like_parquet(
+    tmp_path: Path, fixture_dir: Path, parquet_con: duckdb.DuckDBPyConnection
+) -> None:
+    path = write_appended_duckdb_source(tmp_path / "appended.duckdb", fixture_dir / "parquet")
+    build_models_in_file(path)
+    with connect_models(path) as con:
+        assert con.execute("select count(*) from opensearch_tasks.function_tasks").fetchone() == (16,)
+        assert not one_row_per_task(con)
+        for model in MODELS:
+            assert comparable_rows(con, model) == comparable_rows(parquet_con, model)
+
+
+def test_staging_follows_the_table_between_and_after_builds(tmp_path: Path) -> None:
+    path = write_duckdb_source(tmp_path / "source.duckdb")
+    build_models_in_file(path)
+    newest_a5 = "select status, progress from analytics.stg_function_tasks where run_id = 'trigger__a5'"
+    with duckdb.connect(str(path)) as con:
+        assert one_row_per_task(con)
+        # a new task (a later merge) shows up without a rebuild: staging is a view
+        con.execute(
+            "insert into opensearch_tasks.function_tasks by name select * replace "
+            "('trigger__a8' as run_id) from opensearch_tasks.function_tasks where run_id = 'trigger__a1'"
+        )
+        assert con.execute("select count(*) from analytics.stg_function_tasks").fetchone() == (14,)
+        # an older version of a5 written next to the newest one (not by a merge): the next build
+        # finds the repeated key, and staging ranks the versions again
+        con.execute(
+            "insert into opensearch_tasks.function_tasks by name select * replace "
+            "('running' as status, 40 as progress, '1710321000.200000' as _dlt_load_id) "
+            "from opensearch_tasks.function_tasks where run_id = 'trigger__a5'"
+        )
+    build_models_in_file(path)
+    with connect_models(path) as con:
+        assert not one_row_per_task(con)
+        assert con.execute("select count(*) from analytics.stg_function_tasks").fetchone() == (14,)
+        assert con.execute(newest_a5).fetchall() == [("success", 100)]
+
+
+def test_a_key_hash_collision_is_not_a_repeated_task(tmp_path: Path) -> None:
+    # two different keys that DuckDB's hash() maps to one value (found in a 1M-task load)
+    keys = [
+        ("shop_search", "pop", "pop_v2", "cron__2026-11-17T20:23:59"),
+        ("shop_search", "pop", "pop_v2", "cron__2026-11-10T20:23:09"),
+    ]
+    path = tmp_path / "collision.duckdb"
+    with duckdb.connect(str(path)) as con:
+        hashes = {con.execute("select hash(?, ?, ?, ?)", list(key)).fetchone() for key in keys}
+        if len(hashes) != 1:
+            pytest.skip("this DuckDB version hashes the two keys apart: pick a colliding pair")
+        con.execute("create schema opensearch_tasks")
+        con.execute(
+            "create table opensearch_tasks.function_tasks "
+            "(app_group varchar, function_name varchar, instance_name varchar, run_id varchar)"
+        )
+        con.executemany("insert into opensearch_tasks.function_tasks values (?, ?, ?, ?)", keys)
+    build_models_in_file(path)
+    with connect_models(path) as con:
+        assert one_row_per_task(con)
+        assert con.execute("select count(*) from analytics.stg_function_tasks").fetchone() == (2,)
+
+
 # ---------------------------------------------------------------------------- marts
 
 

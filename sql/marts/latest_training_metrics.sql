@@ -27,28 +27,42 @@ candidate_runs as (
 
     -- Only the newest runs can be "newest" or "previous": parse JSON for a handful per instance,
     -- not for the whole history. A run qualifies cheaply when its raw text holds a number at all.
+    -- The ten newest per instance come from a top-10 aggregate (a sort of every run costs more),
+    -- in the order of ranked_runs below: newest start_time first, unknown ones last, then run_id.
     select
-        *,
-        row_number() over (
-            partition by app_group, function_name, instance_name
-            order by start_time desc nulls last, run_id desc
-        ) as candidate_rank
+        app_group,
+        function_name,
+        instance_name,
+        unnest(
+            max_by(
+                struct_pack(run_id, start_time, extend_info),
+                -- nested NULLs compare as greatest: rank by "is known" first to put them last
+                struct_pack(
+                    has_start_time := start_time is not null,
+                    start_time,
+                    has_run_id := run_id is not null,
+                    run_id
+                ),
+                10
+            ),
+            recursive := true
+        )
     from tasks
     where not is_extend_info_malformed
         and regexp_matches(extend_info, ':\s*-?[0-9]')
+    group by app_group, function_name, instance_name
 
 ),
 
 parsed_tasks as (
 
     select
-        * exclude (candidate_rank),
+        *,
         case
             when not json_valid(extend_info) then null
             when json_type(extend_info) = 'OBJECT' then cast(extend_info as json)
         end as extend_info_json
     from candidate_runs
-    where candidate_rank <= 10
 
 ),
 

@@ -21,11 +21,14 @@ tasks as (
 
 anchors as (
 
+    -- the window bounds, once per instance (interval arithmetic on timestamptz is not cheap)
     select
         app_group,
         function_name,
         instance_name,
-        max(start_time) as newest_start_time
+        max(start_time) as newest_start_time,
+        max(start_time) - interval 7 day as last_7_days_starts_after,
+        max(start_time) - interval 14 day as previous_7_days_starts_after
     from tasks
     group by app_group, function_name, instance_name
 
@@ -36,9 +39,9 @@ windowed_tasks as (
     select
         tasks.*,
         anchors.newest_start_time,
-        tasks.start_time > anchors.newest_start_time - interval 7 day as is_in_last_7_days,
-        tasks.start_time > anchors.newest_start_time - interval 14 day
-        and tasks.start_time <= anchors.newest_start_time - interval 7 day
+        tasks.start_time > anchors.last_7_days_starts_after as is_in_last_7_days,
+        tasks.start_time > anchors.previous_7_days_starts_after
+        and tasks.start_time <= anchors.last_7_days_starts_after
             as is_in_previous_7_days
     from tasks
     inner join anchors

@@ -26,19 +26,14 @@ durations as (
         instance_name,
         count(*) as finished_tasks,
         avg(duration_seconds) as avg_duration_seconds,
-        quantile_cont(duration_seconds, 0.5) as p50_duration_seconds,
-        quantile_cont(duration_seconds, 0.9) as p90_duration_seconds,
+        -- p50 and p90 from one aggregate (one sort of the durations, not two)
+        quantile_cont(duration_seconds, [0.5, 0.9]) as percentiles,
         max(duration_seconds) as max_duration_seconds,
         count(*) filter (where is_succeeded) as succeeded_tasks,
-        quantile_cont(duration_seconds, 0.5) filter (where is_succeeded)
-            as succeeded_p50_duration_seconds,
-        quantile_cont(duration_seconds, 0.9) filter (where is_succeeded)
-            as succeeded_p90_duration_seconds,
+        quantile_cont(duration_seconds, [0.5, 0.9]) filter (where is_succeeded)
+            as succeeded_percentiles,
         count(*) filter (where is_failed) as failed_tasks,
-        quantile_cont(duration_seconds, 0.5) filter (where is_failed)
-            as failed_p50_duration_seconds,
-        quantile_cont(duration_seconds, 0.9) filter (where is_failed)
-            as failed_p90_duration_seconds
+        quantile_cont(duration_seconds, [0.5, 0.9]) filter (where is_failed) as failed_percentiles
     from tasks
     group by app_group, function_name, instance_name
 
@@ -52,15 +47,15 @@ final as (
         instance_name,
         finished_tasks,
         avg_duration_seconds,
-        p50_duration_seconds,
-        p90_duration_seconds,
+        percentiles[1] as p50_duration_seconds,
+        percentiles[2] as p90_duration_seconds,
         max_duration_seconds,
         succeeded_tasks,
-        succeeded_p50_duration_seconds,
-        succeeded_p90_duration_seconds,
+        succeeded_percentiles[1] as succeeded_p50_duration_seconds,
+        succeeded_percentiles[2] as succeeded_p90_duration_seconds,
         failed_tasks,
-        failed_p50_duration_seconds,
-        failed_p90_duration_seconds
+        failed_percentiles[1] as failed_p50_duration_seconds,
+        failed_percentiles[2] as failed_p90_duration_seconds
     from durations
 
 )

@@ -20,7 +20,38 @@ failed_tasks as (
 
 ),
 
-parsed_tasks as (
+text_groups as (
+
+    -- the failed tasks of each instance grouped by their extend_info text (a task has one text):
+    -- the counts are taken once per text, and each text's messages are joined to its group
+    select
+        app_group,
+        function_name,
+        instance_name,
+        extend_info,
+        is_extend_info_malformed,
+        count(run_id) as failed_tasks,
+        min(start_time) as first_seen,
+        max(start_time) as last_seen,
+        arg_max(run_id, struct_pack(start_time, run_id)) as example_run_id,
+        max(struct_pack(start_time, run_id)) filter (where run_id is not null) as example_order
+    from failed_tasks
+    group by app_group, function_name, instance_name, extend_info, is_extend_info_malformed
+
+),
+
+extend_infos as (
+
+    -- failures repeat the same few texts: parse each distinct one once, not once per task
+    select distinct
+        extend_info,
+        is_extend_info_malformed
+    from text_groups
+    where extend_info is not null
+
+),
+
+parsed_extend_infos as (
 
     select
         *,
@@ -28,7 +59,7 @@ parsed_tasks as (
             when is_extend_info_malformed or not json_valid(extend_info) then null
             when json_type(extend_info) = 'OBJECT' then cast(extend_info as json)
         end as extend_info_json
-    from failed_tasks
+    from extend_infos
 
 ),
 
@@ -40,18 +71,15 @@ error_lists as (
             when json_type(extend_info_json, '$.errors') = 'ARRAY'
                 then json_extract(extend_info_json, '$.errors')
         end as errors_json
-    from parsed_tasks
+    from parsed_extend_infos
 
 ),
 
 error_elements as (
 
     select
-        error_lists.app_group,
-        error_lists.function_name,
-        error_lists.instance_name,
-        error_lists.run_id,
-        error_lists.start_time,
+        error_lists.extend_info,
+        error_lists.is_extend_info_malformed,
         nullif(
             trim(
                 case
@@ -67,59 +95,40 @@ error_elements as (
 
 ),
 
-task_messages as (
+extend_info_messages as (
 
     select distinct
-        app_group,
-        function_name,
-        instance_name,
-        run_id,
-        start_time,
+        extend_info,
+        is_extend_info_malformed,
         error_message
     from error_elements
     where error_message is not null
 
 ),
 
-tasks_without_message as (
-
-    select
-        failed_tasks.app_group,
-        failed_tasks.function_name,
-        failed_tasks.instance_name,
-        failed_tasks.run_id,
-        failed_tasks.start_time,
-        '(no error message)' as error_message
-    from failed_tasks
-    anti join task_messages
-        on task_messages.app_group = failed_tasks.app_group
-        and task_messages.function_name = failed_tasks.function_name
-        and task_messages.instance_name = failed_tasks.instance_name
-        and task_messages.run_id = failed_tasks.run_id
-
-),
-
-all_task_messages as (
-
-    select * from task_messages
-    union all by name
-    select * from tasks_without_message
-
-),
-
 messages as (
 
+    -- a task counts once under each of its messages; one with none (no errors list, NULL or
+    -- malformed extend_info) under '(no error message)'. Run ids are unique per instance
+    -- (staging's grain), so adding up the texts' counts counts distinct runs.
     select
-        app_group,
-        function_name,
-        instance_name,
-        error_message,
-        count(distinct run_id) as failed_tasks,
-        min(start_time) as first_seen,
-        max(start_time) as last_seen,
-        arg_max(run_id, struct_pack(start_time, run_id)) as example_run_id
-    from all_task_messages
-    group by app_group, function_name, instance_name, error_message
+        text_groups.app_group,
+        text_groups.function_name,
+        text_groups.instance_name,
+        coalesce(extend_info_messages.error_message, '(no error message)') as error_message,
+        cast(sum(text_groups.failed_tasks) as bigint) as failed_tasks,
+        min(text_groups.first_seen) as first_seen,
+        max(text_groups.last_seen) as last_seen,
+        arg_max(text_groups.example_run_id, text_groups.example_order) as example_run_id
+    from text_groups
+    left join extend_info_messages
+        on extend_info_messages.extend_info = text_groups.extend_info
+        and extend_info_messages.is_extend_info_malformed = text_groups.is_extend_info_malformed
+    group by
+        text_groups.app_group,
+        text_groups.function_name,
+        text_groups.instance_name,
+        coalesce(extend_info_messages.error_message, '(no error message)')
 
 ),
 

@@ -1,10 +1,12 @@
 -- Staging: the newest version of every training task, typed, with status flags.
 -- Grain: one row per (app_group, function_name, instance_name, run_id).
 -- Every loaded column passes through under its own name (unknown extend_info__* columns included);
--- Parquet appends one version per load, so the newest (_dlt_load_id, then fetched_at) wins.
+-- Parquet appends one version per load, so the newest (_dlt_load_id, then fetched_at) wins. A source
+-- the build found to hold one row per task (raw.model_settings.source_has_one_row_per_task, checked
+-- for the DuckDB table) has nothing to rank and is read as it is.
 with
 
-source as (
+source as not materialized (
 
     select * from raw.function_tasks
 
@@ -12,29 +14,44 @@ source as (
 
 model_settings as (
 
-    select stale_after_hours from raw.model_settings
+    select stale_after_hours, source_has_one_row_per_task from raw.model_settings
+
+),
+
+only_versions as (
+
+    -- each row its task's only version; the flag is a constant of the view, so DuckDB plans away
+    -- whichever of this and ranked_versions does not apply
+    select source.*
+    from source
+    cross join model_settings
+    where model_settings.source_has_one_row_per_task
 
 ),
 
 ranked_versions as (
 
     select
-        *,
+        source.*,
         row_number() over (
-            partition by app_group, function_name, instance_name, run_id
+            partition by source.app_group, source.function_name, source.instance_name, source.run_id
             order by
                 -- load ids are unix timestamps as text: compare as numbers, text breaks ties
-                try_cast(_dlt_load_id as double) desc nulls last,
-                _dlt_load_id desc nulls last,
-                fetched_at desc nulls last,
-                _dlt_id desc nulls last
+                try_cast(source._dlt_load_id as double) desc nulls last,
+                source._dlt_load_id desc nulls last,
+                source.fetched_at desc nulls last,
+                source._dlt_id desc nulls last
         ) as version_rank
     from source
+    cross join model_settings
+    where not model_settings.source_has_one_row_per_task
 
 ),
 
 newest_versions as (
 
+    select * from only_versions
+    union all
     select * exclude (version_rank)
     from ranked_versions
     where version_rank = 1
@@ -94,7 +111,9 @@ flagged as (
             and epoch(now()) - epoch(typed.start_time) > model_settings.stale_after_hours * 3600,
             false
         ) as is_stale,
-        cast(timezone('UTC', typed.start_time) as date) as start_date
+        -- the UTC date in any session time zone: epoch_us counts from 1970-01-01 UTC (and is ~10x
+        -- cheaper than timezone('UTC', ...), which goes through the ICU calendar)
+        cast(make_timestamp(epoch_us(typed.start_time)) as date) as start_date
     from typed
     cross join model_settings
 
