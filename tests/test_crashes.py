@@ -270,20 +270,12 @@ def test_kill_9_of_the_real_cli_command_during_extraction(scene_for, tmp_path):
     """The same, through ``python -m pipelines.cli run`` (a real import, the real entry point)."""
     scene = scene_for("duckdb")
     scene.emu.set_faults(FaultPlan(latency_ms=250))
-    log = tmp_path / "cli.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "pipelines.cli", *scene.argv("--no-models", page_size=1)],
-            env={**os.environ, **cli_env()},
-            cwd=tmp_path,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            _kill_after_requests(scene, lambda: process.poll() is None, log.read_text)
-        finally:
-            process.kill()
-            process.wait(30)
+    process, log = _real_cli(scene, tmp_path)
+    try:
+        _kill_after_requests(scene, lambda: process.poll() is None, log.read_text)
+    finally:
+        process.kill()
+        process.wait(30)
     assert process.returncode == -signal.SIGKILL
     scene.emu.clear_faults()
     _check_rerun(scene, with_models=False, follow_up=True)
