@@ -353,8 +353,8 @@ def open_within_horizon(bench: Bench, emu: EmulatorProcess, horizon_ms: int) -> 
 
 
 def models(bench: Bench, duckdb_path: Path) -> dict[str, float]:
-    """Build every model over a loaded DuckDB file, then count(*) each view once (so the views are
-    really evaluated); seconds for the whole and per view, timed inside a fresh process."""
+    """Build every model over a loaded DuckDB file, then read each one in full (every row and
+    column, so nothing is pruned); seconds for the whole and per view, timed in a fresh process."""
     args = [sys.executable, str(QUERY), "models", "--duckdb-path", str(duckdb_path)]
     child = run_child(args, env=bench.env, cwd=duckdb_path.parent)
     timings = child.last_json()
