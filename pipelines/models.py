@@ -37,6 +37,7 @@ import duckdb
 from pipelines.opensearch_tasks.settings import (
     DATASET_NAME,
     DEFAULT_STALE_AFTER_HOURS,
+    PRIMARY_KEY,
     TABLE_NAME,
 )
 
@@ -72,8 +73,6 @@ RAW_COLUMN_TYPES: dict[str, str] = {
     "_dlt_id": "varchar",
 }
 
-# A task's key: the loaded table's primary key, and the grain of staging.
-KEY_COLUMNS: tuple[str, ...] = ("app_group", "function_name", "instance_name", "run_id")
 
 # Which raw relations each layer may read: marts read staging, never the source itself.
 ALLOWED_RAW: dict[str, frozenset[str]] = {
@@ -136,7 +135,7 @@ def parquet_glob(parquet_dir: str | Path, dataset: str = DATASET_NAME) -> str:
     return f"{base}/{dataset}/{TABLE_NAME}/*.parquet"
 
 
-def _duckdb_table_exists(con: duckdb.DuckDBPyConnection, schema: str, table: str) -> bool:
+def duckdb_table_exists(con: duckdb.DuckDBPyConnection, schema: str, table: str) -> bool:
     """Whether the loaded table exists yet (it does not before the first load)."""
     row = con.execute(
         "select count(*) from information_schema.tables "
@@ -157,7 +156,7 @@ def _source_relation(
 ) -> str | None:
     """The FROM expression of the loaded data, or None when nothing has been loaded yet."""
     if source == "duckdb":
-        if not _duckdb_table_exists(con, dataset, TABLE_NAME):
+        if not duckdb_table_exists(con, dataset, TABLE_NAME):
             return None
         return f"{quote_identifier(dataset)}.{quote_identifier(TABLE_NAME)}"
     if parquet_dir is None:
@@ -182,7 +181,7 @@ def source_has_one_row_per_task(
         return False
     # Exact, in two passes: the key hashes seen more than once (cheap to group), then the keys of
     # just those rows. A repeated key always repeats its hash; a collision only adds rows to check.
-    keys = ", ".join(KEY_COLUMNS)
+    keys = ", ".join(PRIMARY_KEY)
     rows = f"({raw_view_sql(source_relation)})"  # every key column present, as staging sees it
     row = con.execute(
         f"with repeated_hashes as (select hash({keys}) as key_hash from {rows} "

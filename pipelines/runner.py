@@ -29,7 +29,7 @@ import duckdb
 from dlt.common.configuration.exceptions import ConfigFieldMissingException
 from dlt.common.pipeline import LoadInfo, get_dlt_pipelines_dir
 
-from pipelines.models import quote_identifier
+from pipelines.models import duckdb_table_exists, quote_identifier
 from pipelines.opensearch_tasks import RunReport, opensearch_tasks
 from pipelines.opensearch_tasks.client import OpenSearchError, resolve_endpoint
 from pipelines.opensearch_tasks.concurrency import not_inherited
@@ -329,10 +329,7 @@ def remove_duplicate_rows(duckdb_path: str, memory_limit: str = "128MB") -> int:
     table = f"{quote_identifier(DATASET_NAME)}.{quote_identifier(TABLE_NAME)}"
     keys = ", ".join(quote_identifier(column) for column in PRIMARY_KEY)
     with duckdb.connect(duckdb_path, config={"memory_limit": memory_limit, "threads": 1}) as con:
-        if not con.execute(
-            "select count(*) from information_schema.tables where table_schema = ? and table_name = ?",
-            [DATASET_NAME, TABLE_NAME],
-        ).fetchone()[0]:
+        if not duckdb_table_exists(con, DATASET_NAME, TABLE_NAME):
             return 0
         removed = con.execute(
             f"delete from {table} where rowid in (select rowid from (select rowid, row_number() "
@@ -437,11 +434,7 @@ def merges(config: RunConfig) -> bool:
     if not path.exists():
         return False
     with duckdb.connect(str(path), read_only=True) as con:
-        found = con.execute(
-            "select count(*) from information_schema.tables where table_schema = ? and table_name = ?",
-            [DATASET_NAME, TABLE_NAME],
-        ).fetchone()
-    return bool(found and found[0])
+        return duckdb_table_exists(con, DATASET_NAME, TABLE_NAME)
 
 
 def build_source(config: RunConfig, report: RunReport) -> Any:
