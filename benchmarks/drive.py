@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parquet-dir")
     parser.add_argument("--pipelines-dir", required=True)
     parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--processes", type=int, default=None, help="default: the CLI's")
     parser.add_argument("--page-size", type=int, default=None, help="default: the CLI's")
     parser.add_argument("--max-page-size", type=int, default=None, help="default: the CLI's")
     parser.add_argument("--no-models", action="store_true")
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         parquet_dir=args.parquet_dir,
         models_path=args.duckdb_path if args.destination == "parquet" else None,
         workers=args.workers,
+        processes=args.processes,
         build_models=not args.no_models,
         pipelines_dir=args.pipelines_dir,
     )

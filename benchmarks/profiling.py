@@ -136,6 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--gil", action="store_true", help="sample only the thread holding the GIL (Python CPU)"
     )
+    parser.add_argument("--latency-ms", type=float, default=0.0, help="added to every request")
+    parser.add_argument(
+        "--loader-args",
+        default="",
+        help="extra loader options, e.g. '--max-page-size 100 --processes 0'",
+    )
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args(argv)
     py_spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
@@ -150,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     per_instance = args.tasks // scenarios.INSTANCES
     bench = scenarios.Bench(workdir, env, scenarios.Sizes.for_mode(False), print)
     try:
-        with emulator(per_instance, env=env, workdir=workdir) as emu:
+        with emulator(per_instance, env=env, workdir=workdir, latency_ms=args.latency_ms) as emu:
             spy_emu = subprocess.Popen(
                 [
                     *(py_spy, "record", "--pid", str(emu.proc.pid), "--rate", str(args.rate)),
@@ -174,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                 tasks=tasks,
                 expect_rows=tasks,
                 prefix=prefix,
+                extra=tuple(args.loader_args.split()),
             )
             spy_emu.send_signal(signal.SIGINT)
             spy_emu.wait(timeout=30)
