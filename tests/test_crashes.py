@@ -297,11 +297,11 @@ def _running(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def _real_cli(scene: Scene, tmp_path: Path) -> tuple[subprocess.Popen[bytes], Path]:
+def _real_cli(scene: Scene, tmp_path: Path, *extra: str) -> tuple[subprocess.Popen[bytes], Path]:
     log = tmp_path / "cli.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "pipelines.cli", *scene.argv("--no-models", page_size=1)],
+            [sys.executable, "-m", "pipelines.cli", *scene.argv("--no-models", *extra, page_size=1)],
             env={**os.environ, **cli_env()},
             cwd=tmp_path,
             stdout=out,
@@ -329,9 +329,11 @@ def test_kill_9_of_the_loader_leaves_no_reading_process(scene_for, tmp_path):
 
 
 def test_a_killed_reading_process_fails_only_its_unfinished_instances(scene_for, tmp_path):
+    """Two workers: one thread in the reading process, one in the loader. Instances are dealt one
+    at a time, so the reader holds exactly one when killed; the loader reads the other three."""
     scene = scene_for("duckdb")
     scene.emu.set_faults(FaultPlan(latency_ms=250))
-    process, log = _real_cli(scene, tmp_path)
+    process, log = _real_cli(scene, tmp_path, "--workers", "2", "--processes", "1")
     try:
         first = scene.emu.request_count
         deadline = time.monotonic() + PHASE_TIMEOUT
@@ -345,7 +347,9 @@ def test_a_killed_reading_process_fails_only_its_unfinished_instances(scene_for,
             process.kill()
             process.wait(30)
     output = log.read_text()
-    assert "the reading process was killed by signal 9 before this instance finished" in output
+    killed = "the reading process was killed by signal 9 before this instance finished"
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and killed in errors[0], output  # the other three were read
     assert "Traceback" not in output
     scene.emu.clear_faults()
     _check_rerun(scene, with_models=False, follow_up=True)

@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pipelines.emulator import Emulator, FaultPlan, WorldSpec
+from pipelines.opensearch_tasks.concurrency import MAX_READER_THREADS, split_threads
 from pipelines.opensearch_tasks.records import (
     ColumnKinds,
     RecordError,
@@ -231,3 +232,13 @@ def test_reconciled_tables_of_two_processes_lose_no_value(items, split):
             # kept, or moved to the variant of its own kind; either way one type per name
             assert after in (before, f"{before}__v_{parent.kinds[after]}")
             assert reconciled.schema.field(after).type == KIND_TYPES[parent.kinds[after]]
+
+
+@given(workers=st.integers(2, 64), processes=st.integers(1, 8))
+def test_reading_threads_add_up_to_the_workers(workers, processes):
+    """``--workers`` is the number of requests in flight: children and loader share it exactly."""
+    processes = min(processes, workers - 1)  # what the source does
+    per_child, own = split_threads(workers, processes)
+    assert 1 <= per_child <= MAX_READER_THREADS
+    assert own >= 1
+    assert processes * per_child + own == workers

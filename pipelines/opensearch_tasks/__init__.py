@@ -159,7 +159,8 @@ def function_tasks(
     targets = _resolve_targets(client, specs, report)
     report.planned = len(targets)
     reading = Reading(client, options, kinds, dict(cursors))
-    processes = min(default_processes() if processes is None else processes, workers, len(targets))
+    # Every reader has at least one thread: more processes than workers - 1 would exceed ``workers``.
+    processes = min(default_processes() if processes is None else processes, workers - 1, len(targets))
     if processes > 0:
         events = read_in_processes(reading, targets, workers, processes)
     else:

@@ -7,12 +7,14 @@ ends (failed or not). A credentials error raises, because every other instance w
 Why processes: per task, the loader's own work (HTTP, JSON, flattening, Arrow building) is Python
 holding the GIL, so one process tops out at one core however many threads wait on the network
 (see ``benchmarks/``). Children are *forked*: they inherit the client, credentials, options and cursors
-without pickling a secret, read a share of the instances with their own threads, and send Arrow IPC
-batches and reports back over one pipe each. The parent keeps everything dlt does (extract, state,
-normalize, load), so state still moves only when the load package commits, and reads a half share
-itself. Measured on 2 cores (1M tasks, Parquet): threads only 33.9 s; one reader 36.8 s (the reader
-was the bottleneck); two readers 27.2 s but 516 MB summed PSS; one reader plus the parent's half
-share 28.7 s at 445 MB: the default.
+without pickling a secret, read the instances the parent deals them with their own threads, and send
+Arrow IPC batches and reports back over one pipe each. The parent keeps everything dlt does (extract,
+state, normalize, load), so state still moves only when the load package commits, and reads with its
+own threads too. Instances are dealt one at a time to whichever thread is free. Measured on 2 cores
+(1M tasks, Parquet): threads only 33.9 s; one reader 36.8 s (the reader was the bottleneck); two
+readers 27.2 s but 516 MB summed PSS; one reader plus the parent's half share, dealt up front,
+28.0-28.7 s at ~420-445 MB; the same dealt on demand 23.9 s. Network-bound (200 x 500 tasks, pages
+of 100, 50 ms a request): dealt up front 17.5-17.8 s, on demand 14.9-15.8 s.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import contextlib
 import ctypes
 import gc
 import logging
-import math
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -31,7 +32,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -150,35 +151,21 @@ class _Events:
             self.closed.set()
 
 
-def _start_threads(
-    reading: Reading, targets: Sequence[Target], workers: int, events: _Events
-) -> ThreadPoolExecutor:
-    """Read ``targets`` in this process's threads, putting their events on ``events``."""
+def prepare_arrow() -> None:
+    """Build one Arrow array here, before any reading thread or process starts.
 
-    def emit(table: pa.Table) -> None:
-        events.put(("rows", table))
-        if events.closed.is_set():
-            raise RunClosed
-
-    def work(target: Target) -> None:
-        if events.closed.is_set():
-            return  # the run is over (failed or closed): do not start another instance
-        result, fatal = reading.read_one(target, emit)
-        if fatal is not None:
-            events.put(("fatal", fatal))
-        elif result is not None:
-            events.put(("done", result))
-
-    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="opensearch")
-    for target in targets:
-        pool.submit(work, target)
-    return pool
+    pyarrow imports pandas the first time it converts a Python list (~1.8 s). Done first by
+    several threads at once, that import handed one of them a half-initialised module ("partially
+    initialized module 'pandas' has no attribute 'DataFrame'", seen with 8 workers), and done
+    after the fork every reading process paid it again."""
+    pa.array([0], pa.int64())
 
 
 def read_in_threads(reading: Reading, targets: Sequence[Target], workers: int) -> Iterator[Event]:
     """Every instance in a thread pool of this process (requests in flight <= ``workers``)."""
+    prepare_arrow()
     events = _Events(workers * 2)
-    pool = _start_threads(reading, targets, workers, events)
+    pool = _start_threads(reading, _Dealer(targets), workers, events)
     try:
         yield from events.consume(len(targets), None)
     finally:
@@ -189,21 +176,21 @@ def read_in_threads(reading: Reading, targets: Sequence[Target], workers: int) -
 def read_in_processes(
     reading: Reading, targets: Sequence[Target], workers: int, processes: int
 ) -> Iterator[Event]:
-    """Instances dealt to ``processes`` forked children and to this process, ``workers`` threads
-    in all.
+    """Instances dealt one at a time to ``processes`` forked children and to this process,
+    ``workers`` threads (requests in flight) in all.
 
-    This process also runs dlt (extract, normalize, load), so it takes half a child's share.
-    A child that dies (killed, out of memory) fails the instances it had not finished, with a
-    message saying so; their cursors stay where they were, so the next run reads them again.
+    Dealt on demand, not sharded up front: a thread that finishes an instance takes the next one,
+    so neither side idles while the other still has a backlog (a static split left the network
+    scenario waiting on the busier side). This process also runs dlt (extract, normalize, load),
+    and its threads only ask for work when the GIL lets them, so it takes what it can. A child
+    that dies (killed, out of memory) fails just the instances it was reading, with a message
+    saying so; their cursors stay where they were, and the instances it had not been dealt go to
+    the others.
     """
+    prepare_arrow()
     context = multiprocessing.get_context("fork")
-    slots = [*(i for i in range(processes) for _ in range(2)), None]  # None: this process
-    shards: dict[int | None, list[Target]] = {slot: [] for slot in slots}
-    for number, target in enumerate(targets):
-        shards[slots[number % len(slots)]].append(target)
-    # A reader's thread holds a page and a batch (~25 MB measured): four keep a core busy.
-    child_threads = max(1, min(math.ceil(workers * 2 / len(slots)), MAX_READER_THREADS))
-    own_threads = max(1, min(workers - processes * child_threads, math.ceil(workers / len(slots))))
+    child_threads, own_threads = split_threads(workers, processes)
+    dealer = _Dealer(targets)
     events = _Events(workers * 2)
     children: list[_Child] = []
     pool = None
@@ -212,57 +199,129 @@ def read_in_processes(
         pa.jemalloc_set_decay_ms(0)  # Arrow buffers of received batches: freed memory goes back
     try:
         for index in range(processes):
-            receiver, sender = context.Pipe(duplex=False)
+            parent_end, child_end = context.Pipe(duplex=True)
             process = context.Process(
                 target=_child_main,
-                args=(reading, shards[index], child_threads, sender, os.getpid()),
+                args=(reading, list(targets), child_threads, child_end, os.getpid()),
                 name=f"opensearch-reader-{index}",
                 daemon=True,
             )
             process.start()
-            sender.close()  # the parent keeps only the reading end: EOF means the child is gone
-            child = _Child(process, receiver, {t.key: t for t in shards[index]})
+            child_end.close()  # the parent keeps only its end: EOF means the child is gone
+            child = _Child(process, parent_end, dealer, child_threads)
             child.pump = threading.Thread(
                 target=child.forward, args=(events,), name=f"opensearch-pump-{index}", daemon=True
             )
             child.pump.start()
             children.append(child)
         gc.unfreeze()
-        pool = _start_threads(reading, shards[None], own_threads, events)
+        pool = _start_threads(reading, dealer, own_threads, events)
         yield from events.consume(len(targets), reading.kinds)
     finally:
         gc.unfreeze()
         events.closed.set()
+        dealer.close()
         for child in children:
             child.stop()
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
 
 
+def split_threads(workers: int, processes: int) -> tuple[int, int]:
+    """(threads per child, threads of this process), ``workers`` in all when ``workers`` allows.
+
+    This process runs dlt too, so it counts for half a child; a reader's thread holds a page and a
+    batch (~25 MB measured), and four keep a core busy."""
+    per_child = max(1, min(MAX_READER_THREADS, (workers * 2) // (2 * processes + 1)))
+    return per_child, max(1, workers - processes * per_child)
+
+
+class _Dealer:
+    """The instances not dealt yet, handed out one at a time to whichever reader asks first."""
+
+    def __init__(self, targets: Sequence[Target]) -> None:
+        self.targets = targets
+        self._next = iter(range(len(targets)))
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def next_index(self) -> int | None:
+        """The next instance's index, or None when every one was dealt (or the run closed)."""
+        with self._lock:
+            if self._closed:
+                return None
+            return next(self._next, None)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+
+
+def _start_threads(
+    reading: Reading, dealer: _Dealer, threads: int, events: _Events
+) -> ThreadPoolExecutor:
+    """``threads`` threads of this process, each reading dealt instances until none is left."""
+    targets = dealer.targets
+
+    def emit(table: pa.Table) -> None:
+        events.put(("rows", table))
+        if events.closed.is_set():
+            raise RunClosed
+
+    def loop() -> None:
+        while not events.closed.is_set() and (index := dealer.next_index()) is not None:
+            result, fatal = reading.read_one(targets[index], emit)
+            if fatal is not None:
+                events.put(("fatal", fatal))
+            elif result is not None:
+                events.put(("done", result))
+
+    pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="opensearch")
+    for _ in range(max(1, threads)):
+        pool.submit(loop)
+    return pool
+
+
 @dataclass
 class _Child:
+    """The parent's side of one reading process: deals it instances, forwards what it sends."""
+
     process: Any  # multiprocessing.Process
     conn: multiprocessing.connection.Connection
-    pending: dict[str, Target]  # instances not reported yet
+    dealer: _Dealer
+    threads: int
+    pending: dict[str, Target] = field(default_factory=dict)  # dealt, not reported yet
     pump: threading.Thread | None = None
 
+    def deal(self) -> None:
+        """Send the child its next instance (an index), or None: that thread of it is done."""
+        index = self.dealer.next_index()
+        if index is not None:
+            target = self.dealer.targets[index]
+            self.pending[target.key] = target
+        self.conn.send(index)
+
     def forward(self, events: _Events) -> None:
-        """Runs in a thread of the parent: the child's messages -> events, until it is gone."""
-        while not events.closed.is_set():
-            try:
+        """Runs in a thread of the parent: deals instances, and turns the child's messages into
+        events until it is gone."""
+        try:
+            for _ in range(self.threads):
+                self.deal()
+            while not events.closed.is_set():
                 kind, payload = self.conn.recv()
-            except (EOFError, OSError):
-                break
-            if kind == "rows":
-                events.put(("rows", pa.ipc.open_stream(payload).read_all()))
-            elif kind == "done":
-                result, fatal = payload
-                self.pending.pop(result.target.key, None)
-                events.put(("fatal", fatal) if fatal is not None else ("done", result))
-            elif kind == "log":
-                logging.getLogger(payload.name).handle(payload)
-            elif kind == "exit":
-                break
+                if kind == "rows":
+                    events.put(("rows", pa.ipc.open_stream(payload).read_all()))
+                elif kind == "done":
+                    result, fatal = payload
+                    self.pending.pop(result.target.key, None)
+                    events.put(("fatal", fatal) if fatal is not None else ("done", result))
+                    self.deal()
+                elif kind == "log":
+                    logging.getLogger(payload.name).handle(payload)
+                elif kind == "exit":
+                    break
+        except (EOFError, OSError):
+            pass
         self.process.join(timeout=10)
         code = self.process.exitcode
         how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited ({code})"
@@ -287,7 +346,7 @@ def _child_main(
     conn: multiprocessing.connection.Connection,
     parent_pid: int,
 ) -> None:
-    """A forked reader: its instances in its own threads, events over ``conn``."""
+    """A forked reader: the instances the parent deals it, in its own threads, events over ``conn``."""
     _die_with_parent(parent_pid)
     _lean_allocators()
     for fd in _CLOSE_IN_CHILDREN:
@@ -296,6 +355,7 @@ def _child_main(
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     _forget_inherited_connections()
     lock = threading.Lock()  # one pipe, several threads
+    dealt: queue.SimpleQueue[int | None] = queue.SimpleQueue()
 
     def send(event: tuple[str, Any]) -> None:
         with lock:
@@ -309,15 +369,29 @@ def _child_main(
             writer.write_table(table)
         send(("rows", sink.getvalue().to_pybytes()))
 
-    def work(target: Target) -> None:
-        result, fatal = reading.read_one(target, emit)
-        if result is not None:
-            result.read_in_child = True
-            send(("done", (result, fatal)))
+    def receive() -> None:
+        """The parent's deals -> ``dealt``; one message per thread slot, None ends a thread."""
+        ended = 0
+        while ended < threads:
+            try:
+                index = conn.recv()
+            except (EOFError, OSError):
+                index = None  # the parent is gone (PDEATHSIG follows): stop taking work
+            ended += index is None
+            dealt.put(index)
 
+    def work() -> None:
+        while (index := dealt.get()) is not None:
+            result, fatal = reading.read_one(targets[index], emit)
+            if result is not None:
+                result.read_in_child = True
+                send(("done", (result, fatal)))
+
+    receiver = threading.Thread(target=receive, name="opensearch-deals", daemon=True)
+    receiver.start()
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="opensearch") as pool:
-        for _ in pool.map(work, targets):
-            pass
+        for future in [pool.submit(work) for _ in range(threads)]:
+            future.result()
     send(("exit", None))
     conn.close()
 
