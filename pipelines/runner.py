@@ -52,9 +52,11 @@ DEFAULT_PARQUET_MODELS_PATH = "data/opensearch_parquet.duckdb"  # the model view
 FINGERPRINT_FILE = "opensearch_tasks_destination.txt"
 
 # dlt settings the product relies on, applied unless the user set them (env or .dlt/config.toml):
-# arrow rows need _dlt_load_id so the Parquet staging model can pick the newest version of a task.
+# the source writes _dlt_load_id itself (the Parquet staging model picks the newest version of a
+# task by it), at a fixed place so that normalize can copy files as they are: dlt's own would be
+# appended at the end of every file (see records.ColumnKinds.widen).
 _DLT_DEFAULTS = {
-    "NORMALIZE__PARQUET_NORMALIZER__ADD_DLT_LOAD_ID": "true",
+    "NORMALIZE__PARQUET_NORMALIZER__ADD_DLT_LOAD_ID": "false",
     "RUNTIME__DLTHUB_TELEMETRY": "false",
 }
 

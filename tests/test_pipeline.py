@@ -72,6 +72,48 @@ def test_two_runs_into_parquet_keep_newest_version_per_task(emu, tmp_path):
     assert len(files) >= 2
 
 
+@pytest.mark.parametrize("destination", ["duckdb", "parquet"])
+def test_rows_carry_the_load_id_of_the_load_that_wrote_them(emu, tmp_path, destination):
+    """The source writes ``_dlt_load_id`` itself (dlt's own is off, see ``ColumnKinds.widen``):
+    each row carries the id dlt records for its load, and the second run's new and updated rows
+    carry the second id, which is what the Parquet staging model ranks versions by."""
+    lake = tmp_path / "lake"
+    extra = {"destination": "parquet", "parquet_dir": str(lake)} if destination == "parquet" else {}
+    config = config_for(emu, tmp_path, page_size=7, **extra)
+    first = run_ok(config)
+    emu.advance(hours=12)
+    second = run_ok(config)
+    first_id, second_id = first.load_info.loads_ids[0], second.load_info.loads_ids[0]
+    written_second = sum(r.new + r.updated for r in second.report.instances)
+    assert written_second > 0, "the clock moved: some tasks must be new or updated"
+    if destination == "duckdb":
+        with duckdb.connect(config.duckdb_path, read_only=True) as con:
+            counts = dict(
+                con.sql(
+                    "select _dlt_load_id, count(*) from opensearch_tasks.function_tasks group by 1"
+                ).fetchall()
+            )
+            loads = {r[0] for r in con.sql("select load_id from opensearch_tasks._dlt_loads").fetchall()}
+        assert set(counts) == {first_id, second_id} and set(counts) <= loads
+        assert counts[second_id] == written_second
+        assert sum(counts.values()) == len(emu.truth())
+        return
+    files = sorted((lake / "opensearch_tasks" / "function_tasks").glob("*.parquet"))
+    assert files
+    per_file = duckdb.sql(
+        "select filename, list(distinct _dlt_load_id), count(*) "
+        f"from read_parquet({[str(f) for f in files]}, filename = true, union_by_name = true) group by 1"
+    ).fetchall()
+    for filename, ids, _ in per_file:  # dlt names each file {load_id}.{file_id}.parquet
+        assert ids == [os.path.basename(filename).removesuffix(".parquet").rsplit(".", 1)[0]]
+    rows_by_id: dict[str, int] = {}
+    for _, ids, count in per_file:
+        rows_by_id[ids[0]] = rows_by_id.get(ids[0], 0) + count
+    written_first = sum(r.new + r.updated for r in first.report.instances)
+    assert rows_by_id == {first_id: written_first, second_id: written_second}
+    assert_equals_truth(parquet_newest_rows(str(lake)), emu)
+
+
 def test_noop_rerun_costs_one_request_per_instance(make_emulator, tmp_path):
     emu = make_emulator(keys={AK: SECRET}, **SMALL)
     config = config_for(emu, tmp_path)

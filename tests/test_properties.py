@@ -23,6 +23,8 @@ from hypothesis import strategies as st
 from pipelines.emulator import Emulator, FaultPlan, WorldSpec
 from pipelines.opensearch_tasks.concurrency import MAX_READER_THREADS, split_threads
 from pipelines.opensearch_tasks.records import (
+    CORE_NAMES,
+    LOAD_ID_COLUMN,
     ColumnKinds,
     RecordError,
     Target,
@@ -232,6 +234,35 @@ def test_reconciled_tables_of_two_processes_lose_no_value(items, split):
             # kept, or moved to the variant of its own kind; either way one type per name
             assert after in (before, f"{before}__v_{parent.kinds[after]}")
             assert reconciled.schema.field(after).type == KIND_TYPES[parent.kinds[after]]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(items=st.lists(tasks(), min_size=1, max_size=6), split=st.integers(0, 6))
+def test_widened_tables_keep_every_value_in_the_registry_order(items, split):
+    """``widen`` pads a table to every column the registry knows, in the registry's order, with
+    ``_dlt_load_id`` after the core columns: values are moved, never changed or dropped."""
+    kinds = ColumnKinds()
+    halves = [half for half in (items[:split], items[split:]) if half]
+    try:
+        tables = [records_to_table(half, TARGET, 1, kinds) for half in halves]
+    except RecordError:
+        return
+    for table in tables:
+        widened = kinds.widen(table, "1795780000.5")
+        expected = [*CORE_NAMES, LOAD_ID_COLUMN, *kinds.kinds]
+        assert widened.column_names == expected
+        assert widened.num_rows == table.num_rows
+        assert widened.column(LOAD_ID_COLUMN).to_pylist() == ["1795780000.5"] * table.num_rows
+        for name in expected:
+            if name in table.column_names:
+                assert widened.column(name).equals(table.column(name))
+            elif name != LOAD_ID_COLUMN:
+                assert widened.column(name).null_count == table.num_rows
+                assert widened.schema.field(name).type == KIND_TYPES[kinds.kinds[name]]
+        assert kinds.widen(widened.drop_columns([LOAD_ID_COLUMN])).column_names == [
+            *CORE_NAMES,
+            *kinds.kinds,
+        ]
 
 
 @given(workers=st.integers(2, 64), processes=st.integers(1, 8))

@@ -159,6 +159,7 @@ def function_tasks(
     targets = _resolve_targets(client, specs, report)
     report.planned = len(targets)
     reading = Reading(client, options, kinds, dict(cursors))
+    load_id = _current_load_id()
     # Every reader has at least one thread: more processes than workers - 1 would exceed ``workers``.
     processes = min(default_processes() if processes is None else processes, workers - 1, len(targets))
     if processes > 0:
@@ -169,7 +170,7 @@ def function_tasks(
     with contextlib.closing(events):
         for kind, payload in events:
             if kind == "rows":
-                yield payload
+                yield kinds.widen(payload, load_id)
                 continue
             if payload.read_in_child:  # counted in a child process: this client never saw them
                 child_requests += payload.requests
@@ -218,6 +219,14 @@ def _resolve_targets(
             report.failures.append(f"{spec}: discovery failed: {error}")
             logger.error("%s: discovery failed: %s", spec, error)
     return list(resolved)
+
+
+def _current_load_id() -> str | None:
+    """The load id of the package being extracted (None outside a pipeline run)."""
+    try:
+        return str(dlt.current.load_package_state()["load_id"])
+    except Exception:
+        return None
 
 
 def _known_columns() -> dict[str, Any]:

@@ -50,6 +50,7 @@ CORE_SCHEMA = pa.schema(
     ]
 )
 CORE_NAMES: tuple[str, ...] = tuple(CORE_SCHEMA.names)
+LOAD_ID_COLUMN = "_dlt_load_id"  # dlt's name; written by the source itself (see ColumnKinds.widen)
 
 _KIND_TYPES: dict[str, pa.DataType] = {"double": pa.float64(), "bool": pa.bool_(), "text": pa.string()}
 _KIND_OF_ARROW_TYPE: dict[pa.DataType, str] = {t: k for k, t in _KIND_TYPES.items()}
@@ -229,6 +230,30 @@ class ColumnKinds:
                 renamed[index] = f"{field_.name}__v_{kind}"
                 self.kinds.setdefault(renamed[index], kind)
         return table.rename_columns(renamed) if renamed else table
+
+    def widen(self, table: pa.Table, load_id: str | None = None) -> pa.Table:
+        """``table`` with every flattened column known so far, in the order they became known,
+        and ``_dlt_load_id`` right after the core columns when ``load_id`` is given.
+
+        Why: dlt's normalize copies an extracted Parquet file as it is only when its columns are
+        exactly the table's, in the schema's order; otherwise it reads and rewrites every file
+        (3.4-3.9 s per 1M tasks). dlt appends new columns in the order they arrive, i.e. this
+        registry's order. dlt's own ``add_dlt_load_id`` would append the load id at the end of
+        each file while the schema keeps it where it was first seen, so no file would match."""
+        known = self.kinds.copy()  # readers in other threads may add columns meanwhile
+        present = set(table.column_names)
+        rows = table.num_rows
+        arrays = [table.column(name) for name in CORE_NAMES]
+        fields = list(CORE_SCHEMA)
+        if load_id is not None:
+            fields.append(pa.field(LOAD_ID_COLUMN, pa.string(), nullable=False))
+            arrays.append(pa.repeat(pa.scalar(load_id, pa.string()), rows))
+        for name, kind in known.items():
+            fields.append(pa.field(name, _KIND_TYPES[kind]))
+            arrays.append(table.column(name) if name in present else pa.nulls(rows, fields[-1].type))
+        if [f.name for f in fields] == table.column_names:
+            return table
+        return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
     def place(self, column: str, value: Any) -> tuple[str, str]:
         """Return (column to write, kind) for a value, registering the column when new."""
