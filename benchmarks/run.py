@@ -34,6 +34,7 @@ from benchmarks import scenarios
 from benchmarks.procs import REPO, child_env
 
 SCENARIOS = ("backfill", "models", "baseline", "network", "noop")
+MODEL_RUNS = 3  # models_seconds: the median of this many fresh processes
 TARGETS: dict[str, tuple[str, float]] = {
     "tasks_per_s": (">=", 50_000),
     "baseline_ratio": (">=", 20),
@@ -219,10 +220,21 @@ def run_scenarios(bench: scenarios.Bench, only: set[str], figures: dict[str, Any
         figures["tasks_per_s"] = min(figures["tasks_per_s_duckdb"], figures["tasks_per_s_parquet"])
         figures["peak_rss_mb"] = max(figures["peak_rss_mb_duckdb"], figures["peak_rss_mb_parquet"])
         if "models" in only:
-            timing = scenarios.models(bench, Path(big["duckdb"].child["where"]) / "opensearch.duckdb")
+            # Three fresh processes, the median reported (and every total): one run right after
+            # the backfills measured 2x its repeats on this shared machine.
+            path = Path(big["duckdb"].child["where"]) / "opensearch.duckdb"
+            timings = sorted(
+                (scenarios.models(bench, path) for _ in range(MODEL_RUNS)), key=lambda t: t["total_s"]
+            )
+            timing = timings[len(timings) // 2]
             figures["models_seconds"] = round(timing["total_s"], 3)
+            figures["models_seconds_runs"] = [round(t["total_s"], 3) for t in timings]
             figures["models_detail_s"] = {k: round(v, 3) for k, v in timing.items()}
-            print(f"  models over {sizes.backfill * 200:,} tasks: {timing['total_s']:.2f}s", flush=True)
+            runs = ", ".join(f"{t['total_s']:.2f}" for t in timings)
+            print(
+                f"  models over {sizes.backfill * 200:,} tasks: {timing['total_s']:.2f}s ({runs})",
+                flush=True,
+            )
     if "baseline" in only:
         pair = scenarios.baseline(bench)
         ours, theirs = pair["ours"], pair["baseline"]
@@ -313,7 +325,7 @@ def print_table(bench: scenarios.Bench, figures: dict[str, Any], sizes: scenario
             "PSS of the loader and its reading processes when larger)"
         ),
         "rss_growth": f"peak RSS {sizes.backfill * 200:,} / {sizes.small * 200:,} tasks",
-        "models_seconds": "build every model, then read each one in full (every row and column)",
+        "models_seconds": "build every model, then read each one in full; median of 3 processes",
     }
     header = f"{'figure':<28} {'value':>12} {'target':>10}  {'met':<4} note"
     print("\n" + header + "\n" + "-" * 100)
