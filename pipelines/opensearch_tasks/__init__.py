@@ -31,7 +31,7 @@ from pipelines.opensearch_tasks.concurrency import (
     read_in_threads,
 )
 from pipelines.opensearch_tasks.helpers import InstanceReport, ReadOptions, discover_instances
-from pipelines.opensearch_tasks.records import ColumnKinds, Target
+from pipelines.opensearch_tasks.records import ColumnKinds, Target, ensure_arrow_ready
 from pipelines.opensearch_tasks.settings import (
     DEFAULT_PAGE_SIZE,
     DEFAULT_REGION,
@@ -170,6 +170,7 @@ def function_tasks(
     with contextlib.closing(events):
         for kind, payload in events:
             if kind == "rows":
+                ensure_arrow_ready()  # no thread still importing pandas when dlt looks for it
                 yield kinds.widen(payload, load_id)
                 continue
             if payload.read_in_child:  # counted in a child process: this client never saw them

@@ -151,19 +151,8 @@ class _Events:
             self.closed.set()
 
 
-def prepare_arrow() -> None:
-    """Build one Arrow array here, before any reading thread or process starts.
-
-    pyarrow imports pandas the first time it converts a Python list (~1.8 s). Done first by
-    several threads at once, that import handed one of them a half-initialised module ("partially
-    initialized module 'pandas' has no attribute 'DataFrame'", seen with 8 workers), and done
-    after the fork every reading process paid it again."""
-    pa.array([0], pa.int64())
-
-
 def read_in_threads(reading: Reading, targets: Sequence[Target], workers: int) -> Iterator[Event]:
     """Every instance in a thread pool of this process (requests in flight <= ``workers``)."""
-    prepare_arrow()
     events = _Events(workers * 2)
     pool = _start_threads(reading, _Dealer(targets), workers, events)
     try:
@@ -187,7 +176,6 @@ def read_in_processes(
     saying so; their cursors stay where they were, and the instances it had not been dealt go to
     the others.
     """
-    prepare_arrow()
     context = multiprocessing.get_context("fork")
     child_threads, own_threads = split_threads(workers, processes)
     dealer = _Dealer(targets)
