@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
+from typing import Any
 
 import duckdb
 import pytest
@@ -72,20 +74,46 @@ def test_two_runs_into_parquet_keep_newest_version_per_task(emu, tmp_path):
     assert len(files) >= 2
 
 
+LOAD_ID_SETTING = "NORMALIZE__PARQUET_NORMALIZER__ADD_DLT_LOAD_ID"
+
+
 @pytest.mark.parametrize("destination", ["duckdb", "parquet"])
 def test_rows_carry_the_load_id_of_the_load_that_wrote_them(emu, tmp_path, destination):
     """The source writes ``_dlt_load_id`` itself (dlt's own is off, see ``ColumnKinds.widen``):
     each row carries the id dlt records for its load, and the second run's new and updated rows
     carry the second id, which is what the Parquet staging model ranks versions by."""
+    _check_load_ids(emu, tmp_path, destination, dlt_adds_load_id=[False, False])
+
+
+@pytest.mark.parametrize("destination", ["duckdb", "parquet"])
+def test_a_dataset_written_with_dlts_own_load_id_keeps_loading(emu, tmp_path, monkeypatch, destination):
+    """Earlier versions let dlt add ``_dlt_load_id`` (appended to every file); a dataset they wrote
+    keeps loading, and a user who turns dlt's own back on gets the same ids, only slower."""
+    _check_load_ids(emu, tmp_path, destination, dlt_adds_load_id=[True, False, True], env=monkeypatch)
+
+
+def _check_load_ids(
+    emu: Any,
+    tmp_path: Path,
+    destination: str,
+    dlt_adds_load_id: list[bool],
+    env: pytest.MonkeyPatch | None = None,
+) -> None:
+    """One run per entry (clock +12 h between runs), dlt's own load id on or off for each; then
+    every row's id is its load's, and the last run's rows carry the last id."""
     lake = tmp_path / "lake"
     extra = {"destination": "parquet", "parquet_dir": str(lake)} if destination == "parquet" else {}
     config = config_for(emu, tmp_path, page_size=7, **extra)
-    first = run_ok(config)
-    emu.advance(hours=12)
-    second = run_ok(config)
-    first_id, second_id = first.load_info.loads_ids[0], second.load_info.loads_ids[0]
-    written_second = sum(r.new + r.updated for r in second.report.instances)
-    assert written_second > 0, "the clock moved: some tasks must be new or updated"
+    ids, written = [], []
+    for number, dlt_adds in enumerate(dlt_adds_load_id):
+        if env is not None:
+            env.setenv(LOAD_ID_SETTING, "true" if dlt_adds else "false")
+        if number:
+            emu.advance(hours=12)
+        result = run_ok(config)
+        ids.append(result.load_info.loads_ids[0])
+        written.append(sum(r.new + r.updated for r in result.report.instances))
+    assert all(written), f"the clock moved: every run must write new or updated tasks, got {written}"
     if destination == "duckdb":
         with duckdb.connect(config.duckdb_path, read_only=True) as con:
             counts = dict(
@@ -94,9 +122,10 @@ def test_rows_carry_the_load_id_of_the_load_that_wrote_them(emu, tmp_path, desti
                 ).fetchall()
             )
             loads = {r[0] for r in con.sql("select load_id from opensearch_tasks._dlt_loads").fetchall()}
-        assert set(counts) == {first_id, second_id} and set(counts) <= loads
-        assert counts[second_id] == written_second
+        assert set(counts) <= set(ids) <= loads
+        assert counts[ids[-1]] == written[-1]  # merged: a task keeps the id of its last write
         assert sum(counts.values()) == len(emu.truth())
+        assert_equals_truth(duckdb_rows(config.duckdb_path), emu)
         return
     files = sorted((lake / "opensearch_tasks" / "function_tasks").glob("*.parquet"))
     assert files
@@ -104,13 +133,12 @@ def test_rows_carry_the_load_id_of_the_load_that_wrote_them(emu, tmp_path, desti
         "select filename, list(distinct _dlt_load_id), count(*) "
         f"from read_parquet({[str(f) for f in files]}, filename = true, union_by_name = true) group by 1"
     ).fetchall()
-    for filename, ids, _ in per_file:  # dlt names each file {load_id}.{file_id}.parquet
-        assert ids == [os.path.basename(filename).removesuffix(".parquet").rsplit(".", 1)[0]]
+    for filename, file_ids, _ in per_file:  # dlt names each file {load_id}.{file_id}.parquet
+        assert file_ids == [os.path.basename(filename).removesuffix(".parquet").rsplit(".", 1)[0]]
     rows_by_id: dict[str, int] = {}
-    for _, ids, count in per_file:
-        rows_by_id[ids[0]] = rows_by_id.get(ids[0], 0) + count
-    written_first = sum(r.new + r.updated for r in first.report.instances)
-    assert rows_by_id == {first_id: written_first, second_id: written_second}
+    for _, file_ids, count in per_file:
+        rows_by_id[file_ids[0]] = rows_by_id.get(file_ids[0], 0) + count
+    assert rows_by_id == dict(zip(ids, written, strict=True))  # appended: every version kept
     assert_equals_truth(parquet_newest_rows(str(lake)), emu)
 
 
