@@ -129,6 +129,24 @@ def test_parse_extend_info_never_raises(raw):
     assert all(column.startswith("extend_info__") for column in flat)
 
 
+def test_parse_extend_info_flattens_the_documented_way():
+    raw = (
+        '{"metrics": {"hitRate": 1, "auc": 0.5}, "errors": ["x", 2], "empty": {}, "n": null, "ok": true}'
+    )
+    assert parse_extend_info(raw) == (
+        {
+            "extend_info__metrics__hit_rate": 1.0,
+            "extend_info__metrics__auc": 0.5,
+            "extend_info__errors": '["x",2]',
+            "extend_info__ok": True,
+        },
+        False,
+    )
+    assert parse_extend_info(None) == ({}, False)
+    assert parse_extend_info("[1]") == ({}, True)
+    assert parse_extend_info('{"a": 1') == ({}, True)
+
+
 # -- the pipeline under random schedules ----------------------------------------------------------
 step = st.one_of(
     st.tuples(st.just("advance"), st.floats(0.05, 30)),

@@ -140,49 +140,6 @@ def _child_column(prefix: str, key: str) -> str:
     return column
 
 
-def _flatten(obj: Mapping[str, Any], prefix: str, out: dict[str, Any]) -> None:
-    """Hot path: exact type checks and cached names (no tuples, no isinstance chains)."""
-    names = _COLUMN_NAMES.get(prefix)
-    if names is None:
-        names = _COLUMN_NAMES[prefix] = {}
-    for key, value in obj.items():
-        column = names.get(key)
-        if column is None:
-            column = _child_column(prefix, str(key))
-        kind = type(value)
-        if kind is dict:
-            if value:
-                _flatten(value, column, out)
-        elif kind is list:
-            out[column] = orjson.dumps(value).decode()
-        elif value is not None:
-            out[column] = value
-
-
-def parse_extend_info(raw: Any) -> tuple[dict[str, Any], bool]:
-    """Raw ``extendInfo`` -> (flattened columns, is_malformed). Never raises.
-
-    ``None`` (field absent) is not malformed; anything that is not a JSON object string is.
-    """
-    if raw is None:
-        return {}, False
-    if isinstance(raw, dict):  # a lenient server sent an object instead of a string
-        flat: dict[str, Any] = {}
-        _flatten(raw, _ROOT, flat)
-        return flat, False
-    if not isinstance(raw, str):
-        return {}, True
-    try:
-        parsed = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return {}, True
-    if not isinstance(parsed, dict):
-        return {}, True
-    flat = {}
-    _flatten(parsed, _ROOT, flat)
-    return flat, False
-
-
 def raw_extend_info(value: Any) -> str | None:
     """The raw string to keep: unchanged when it is a string, JSON text otherwise."""
     if value is None or isinstance(value, str):
@@ -387,31 +344,64 @@ class TaskBatch:
         return len(self.run_id)
 
     def add_page(self, page: PageColumns, keep: list[int]) -> None:
-        """Append the rows of ``page`` at indices ``keep``, flattening their ``extendInfo``."""
+        """Append the rows of ``page`` at ascending indices ``keep``, flattening their ``extendInfo``."""
         base = len(self.run_id)
+        every_row = len(keep) == len(page)  # the usual case: nothing on the page was seen before
         for name in ("run_id", "generation", "status", "progress", "start_ms", "end_ms", "seconds"):
             source = getattr(page, name)
-            getattr(self, name).extend([source[i] for i in keep])
-        raws = [page.extend_info[i] for i in keep]
+            getattr(self, name).extend(source if every_row else [source[i] for i in keep])
+        raws = page.extend_info if every_row else [page.extend_info[i] for i in keep]
         self.extend_info.extend(raws)
-        extra, kinds = self.extra, self.kinds.kinds
         size = base + len(keep)
-        for values in extra.values():  # room for this page's rows: assigned by index below
+        for values in self.extra.values():  # room for this page's rows: assigned by index below
             values.extend([None] * (size - len(values)))
         malformed = self.malformed
-        kind_of = _KIND_OF_TYPE.get
-        for offset, raw in enumerate(raws):
-            flat, bad = parse_extend_info(raw)
-            malformed.append(bad)
-            row = base + offset
-            for column, value in flat.items():
-                kind = kind_of(type(value), "text")  # value_kind, inlined: hot path
-                if kinds.setdefault(column, kind) != kind:
-                    column, kind = self.kinds.place(column, value)
-                values = extra.get(column)
-                if values is None:
-                    values = extra[column] = [None] * size
-                values[row] = float(value) if kind == "double" else value
+        loads, decode_error = orjson.loads, orjson.JSONDecodeError
+        for offset, raw in enumerate(raws):  # read_page made each one a str or None
+            if raw is None:
+                malformed.append(False)
+                continue
+            try:
+                parsed = loads(raw)
+            except decode_error:
+                malformed.append(True)
+                continue
+            if type(parsed) is not dict:
+                malformed.append(True)
+                continue
+            malformed.append(False)
+            self._fill(parsed, _ROOT, base + offset, size)
+
+    def _fill(self, obj: dict[str, Any], prefix: str, row: int, size: int) -> None:
+        """Flatten ``obj`` straight into the column lists: nested objects join their keys with
+        ``__``, lists become JSON text, nulls and empty objects add nothing, numbers are doubles.
+        Hot path (no dict per task, exact type checks, cached names): the loader's only flattening,
+        ``parse_extend_info`` included."""
+        names = _COLUMN_NAMES.get(prefix)
+        if names is None:
+            names = _COLUMN_NAMES[prefix] = {}
+        kinds, extra, kind_of = self.kinds.kinds, self.extra, _KIND_OF_TYPE.get
+        for key, value in obj.items():
+            column = names.get(key)
+            if column is None:
+                column = _child_column(prefix, str(key))
+            value_type = type(value)
+            if value_type is dict:
+                if value:
+                    self._fill(value, column, row, size)
+                continue
+            if value_type is list:
+                value, kind = orjson.dumps(value).decode(), "text"
+            elif value is None:
+                continue
+            else:
+                kind = kind_of(value_type, "text")  # value_kind, inlined
+            if kinds.setdefault(column, kind) != kind:
+                column, kind = self.kinds.place(column, value)
+            values = extra.get(column)
+            if values is None:
+                values = extra[column] = [None] * size
+            values[row] = float(value) if kind == "double" else value
 
     def to_arrow(self) -> pa.Table:
         if not _ARROW_READY.is_set():
@@ -468,6 +458,23 @@ def ensure_arrow_ready() -> None:
         if not _ARROW_READY.is_set():
             pa.array([0], pa.int64())
             _ARROW_READY.set()
+
+
+def parse_extend_info(raw: Any) -> tuple[dict[str, Any], bool]:
+    """One task's raw ``extendInfo`` -> (flattened columns, is_malformed). Never raises.
+
+    ``None`` (field absent) is not malformed; anything that is not a JSON object (or its text) is.
+    The same walk as a batch's (``TaskBatch._fill``), so numbers come back as floats, as loaded."""
+    if raw is not None and not isinstance(raw, (str, dict)):
+        return {}, True
+    batch = TaskBatch(ColumnKinds(), _NO_TARGET, 0)
+    page = PageColumns(["-"], [None], [None], [None], [None], [None], [raw_extend_info(raw)], [False])
+    batch.add_page(page, [0])
+    flat = {column: values[0] for column, values in batch.extra.items() if values[0] is not None}
+    return flat, batch.malformed[0]
+
+
+_NO_TARGET = Target("", "", "")
 
 
 def records_to_table(
