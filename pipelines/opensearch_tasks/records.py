@@ -209,6 +209,11 @@ class ColumnKinds:
         for name, kind in known.items():
             fields.append(pa.field(name, _KIND_TYPES[kind]))
             arrays.append(table.column(name) if name in present else pa.nulls(rows, fields[-1].type))
+        placed = {field_.name for field_ in fields}
+        for field_ in table.schema:  # a column the registry does not know is kept, never dropped
+            if field_.name not in placed:
+                fields.append(field_)
+                arrays.append(table.column(field_.name))
         if [f.name for f in fields] == table.column_names:
             return table
         return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
