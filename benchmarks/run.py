@@ -34,7 +34,6 @@ from benchmarks import scenarios
 from benchmarks.procs import REPO, child_env
 
 SCENARIOS = ("backfill", "models", "baseline", "network", "noop")
-MODEL_RUNS = 3  # models_seconds: the median of this many fresh processes
 TARGETS: dict[str, tuple[str, float]] = {
     "tasks_per_s": (">=", 50_000),
     "baseline_ratio": (">=", 20),
@@ -220,11 +219,12 @@ def run_scenarios(bench: scenarios.Bench, only: set[str], figures: dict[str, Any
         figures["tasks_per_s"] = min(figures["tasks_per_s_duckdb"], figures["tasks_per_s_parquet"])
         figures["peak_rss_mb"] = max(figures["peak_rss_mb_duckdb"], figures["peak_rss_mb_parquet"])
         if "models" in only:
-            # Three fresh processes, the median reported (and every total): one run right after
-            # the backfills measured 2x its repeats on this shared machine.
+            # Full mode: three fresh processes, the median reported (and every total): one run
+            # right after the backfills measured 2x its repeats on this shared machine.
             path = Path(big["duckdb"].child["where"]) / "opensearch.duckdb"
             timings = sorted(
-                (scenarios.models(bench, path) for _ in range(MODEL_RUNS)), key=lambda t: t["total_s"]
+                (scenarios.models(bench, path) for _ in range(bench.sizes.model_runs)),
+                key=lambda t: t["total_s"],
             )
             timing = timings[len(timings) // 2]
             figures["models_seconds"] = round(timing["total_s"], 3)
@@ -325,7 +325,7 @@ def print_table(bench: scenarios.Bench, figures: dict[str, Any], sizes: scenario
             "PSS of the loader and its reading processes when larger)"
         ),
         "rss_growth": f"peak RSS {sizes.backfill * 200:,} / {sizes.small * 200:,} tasks",
-        "models_seconds": "build every model, then read each one in full; median of 3 processes",
+        "models_seconds": "build every model, then read each one in full; median of 3 processes (quick: 1)",
     }
     header = f"{'figure':<28} {'value':>12} {'target':>10}  {'met':<4} note"
     print("\n" + header + "\n" + "-" * 100)

@@ -36,12 +36,13 @@ class Sizes:
     baseline_instances: int  # (quick: fewer, because rest_api pays ~50 ms per resource)
     network: int  # 50 ms per request (full: 500 -> 100,000)
     noop_destinations: tuple[str, ...]
+    model_runs: int  # models_seconds is the median of this many fresh processes
 
     @classmethod
     def for_mode(cls, quick: bool) -> Sizes:
         if quick:
-            return cls(50, 5, 50, 40, 100, ("duckdb",))
-        return cls(5000, 500, 250, INSTANCES, 500, ("duckdb", "parquet"))
+            return cls(50, 5, 50, 40, 100, ("duckdb",), 1)
+        return cls(5000, 500, 250, INSTANCES, 500, ("duckdb", "parquet"), 3)
 
 
 @dataclass
