@@ -17,6 +17,7 @@ import time
 STARTED = time.perf_counter()
 
 import argparse  # noqa: E402
+import gc  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 
@@ -101,4 +102,6 @@ def step_seconds(config: RunConfig) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    gc.freeze()  # as the console script does (pipelines.cli.entry_point): no final collection
+    sys.exit(exit_code)

@@ -356,10 +356,10 @@ def test_cli_run_keeps_the_secret_out_of_output_and_files(emu, tmp_path):
         "ALIBABA_CLOUD_ACCESS_KEY_SECRET": SECRET,
         "ALIBABA_CLOUD_ECS_METADATA_DISABLED": "true",
     }
+    # the installed console script (pipelines.cli:entry_point, which skips the final collection)
+    script = str(Path(sys.executable).with_name("opensearch-tasks"))
     args = [
-        sys.executable,
-        "-m",
-        "pipelines.cli",
+        script,
         "--debug",
         "run",
         "--endpoint",
@@ -378,7 +378,13 @@ def test_cli_run_keeps_the_secret_out_of_output_and_files(emu, tmp_path):
     for path in tmp_path.rglob("*"):
         if path.is_file():
             assert SECRET.encode() not in path.read_bytes(), f"secret written to {path}"
+    # closed cleanly before the fast exit: everything checkpointed into the file, no WAL left over
+    assert not list(tmp_path.rglob("*.wal")), list(tmp_path.rglob("*.wal"))
     assert_equals_truth(duckdb_rows(str(tmp_path / "data" / "t.duckdb")), emu)
+    usage = subprocess.run(
+        [script, "run", "--target", "a/b/c/d"], capture_output=True, text=True, env=env, cwd=tmp_path
+    )
+    assert (usage.returncode, usage.stderr.startswith("error:")) == (2, True), usage.stderr
 
 
 def test_cli_usage_errors_exit_2_without_traceback(tmp_path, capsys, monkeypatch):
