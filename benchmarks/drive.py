@@ -17,11 +17,9 @@ import time
 STARTED = time.perf_counter()
 
 import argparse  # noqa: E402
-import gc  # noqa: E402
 import json  # noqa: E402
-import sys  # noqa: E402
 
-from pipelines.cli import configure_logging  # noqa: E402
+from pipelines.cli import configure_logging, run_as_process  # noqa: E402
 from pipelines.runner import RunConfig, run  # noqa: E402
 
 IMPORTED = time.perf_counter()
@@ -102,6 +100,4 @@ def step_seconds(config: RunConfig) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    exit_code = main()
-    gc.freeze()  # as the console script does (pipelines.cli.entry_point): no final collection
-    sys.exit(exit_code)
+    run_as_process(main)  # as the console script does: no pandas, no final collection

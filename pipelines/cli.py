@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
 
+from pipelines.opensearch_tasks.arrow_ready import declare_pandas_unused
 from pipelines.opensearch_tasks.client import OpenSearchError
 from pipelines.opensearch_tasks.settings import (
     DEFAULT_PAGE_SIZE,
@@ -383,18 +384,27 @@ def _fail(args: argparse.Namespace, message: str, code: int) -> int:
     return code
 
 
-def entry_point() -> NoReturn:
-    """The console script: ``main``, then exit without the interpreter's final garbage collection.
+def run_as_process(job: Callable[[], int]) -> NoReturn:
+    """Run ``job`` as the whole of this process, then exit with its code.
 
-    Why: at exit CPython collects every object still alive, and dlt's import graph alone makes that
-    0.4-0.5 s here (0.7-0.9 s after a run), longer than an hourly no-op run's own requests. The
-    process is ending, so the OS frees the memory; everything the run wrote is closed by then (the
-    runner closes its DuckDB connections and dlt its files explicitly). Not done in ``main``, which
-    tests and embedders call in a process that goes on.
+    Two things only a process that owns everything it runs may do: skip pandas (pyarrow would
+    import it, 0.5-1 s and ~25 MB, only to ask whether each list is a pandas object; see
+    ``arrow_ready.declare_pandas_unused``), and skip the interpreter's final garbage collection.
+    At exit CPython collects every object still alive, and dlt's import graph alone makes that
+    0.4-0.5 s here (0.7-0.9 s after a run). The process is ending, so the OS frees the memory;
+    everything the run wrote is closed by then (the runner closes its DuckDB connections and dlt
+    its files explicitly). Not done in ``main``, which tests and embedders call in a process that
+    goes on.
     """
-    code = main()
+    declare_pandas_unused()
+    code = job()
     gc.freeze()  # frozen objects are never collected again, so finalisation skips them
     sys.exit(code)
+
+
+def entry_point() -> NoReturn:
+    """The ``opensearch-tasks`` console script."""
+    run_as_process(main)
 
 
 if __name__ == "__main__":

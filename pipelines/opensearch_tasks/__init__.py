@@ -18,6 +18,7 @@ import pyarrow as pa
 from dlt.common.typing import TSecretStrValue
 from dlt.sources import DltResource
 
+from pipelines.opensearch_tasks.arrow_ready import ensure_arrow_ready
 from pipelines.opensearch_tasks.client import (
     Credentials,
     OpenSearchClient,
@@ -31,7 +32,7 @@ from pipelines.opensearch_tasks.concurrency import (
     read_in_threads,
 )
 from pipelines.opensearch_tasks.helpers import InstanceReport, ReadOptions, discover_instances
-from pipelines.opensearch_tasks.records import ColumnKinds, Target, ensure_arrow_ready
+from pipelines.opensearch_tasks.records import ColumnKinds, Target
 from pipelines.opensearch_tasks.settings import (
     DEFAULT_PAGE_SIZE,
     DEFAULT_REGION,

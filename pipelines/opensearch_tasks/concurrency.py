@@ -37,6 +37,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from pipelines.opensearch_tasks.arrow_ready import ensure_arrow_ready
 from pipelines.opensearch_tasks.client import OpenSearchClient, OpenSearchError
 from pipelines.opensearch_tasks.cursor import InstanceCursor
 from pipelines.opensearch_tasks.helpers import (
@@ -45,7 +46,7 @@ from pipelines.opensearch_tasks.helpers import (
     ReadOptions,
     read_instance,
 )
-from pipelines.opensearch_tasks.records import ColumnKinds, RecordError, Target, ensure_arrow_ready
+from pipelines.opensearch_tasks.records import ColumnKinds, RecordError, Target
 
 logger = logging.getLogger(__name__)
 

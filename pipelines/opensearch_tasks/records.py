@@ -14,7 +14,6 @@ flattening of ``extendInfo`` are decided in one place:
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from dlt.common.normalizers.naming.snake_case import NamingConvention
 
+from pipelines.opensearch_tasks.arrow_ready import ARROW_READY, ensure_arrow_ready
 from pipelines.opensearch_tasks.settings import EXTEND_INFO_PREFIX, SECONDS_THRESHOLD
 
 _NAMING = NamingConvention()
@@ -409,7 +409,7 @@ class TaskBatch:
             values[row] = float(value) if kind == "double" else value
 
     def to_arrow(self) -> pa.Table:
-        if not _ARROW_READY.is_set():
+        if not ARROW_READY.is_set():
             ensure_arrow_ready()
         n = len(self.run_id)
         start_ms = pa.array(self.start_ms, type=pa.int64())
@@ -444,25 +444,6 @@ class TaskBatch:
             fields.append(pa.field(name, _KIND_TYPES[self.kinds.kinds[name]]))
             arrays.append(pa.array(self.extra[name], type=fields[-1].type))
         return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
-
-
-_ARROW_READY = threading.Event()
-_ARROW_FIRST = threading.Lock()
-
-
-def ensure_arrow_ready() -> None:
-    """Run this process's first Arrow conversion of a Python list, alone, and once.
-
-    pyarrow imports pandas on its first such conversion (~1.5-2 s here). dlt, on the loader's main
-    thread, tests every item with ``sys.modules.get("pandas").DataFrame``: while a reading thread
-    was still importing pandas, that raised "partially initialized module 'pandas' has no attribute
-    'DataFrame'" (seen with 16 workers). So readers convert their first batch under a lock, and
-    the resource calls this before it hands dlt its first table. Lazily: a run with nothing new
-    never imports pandas."""
-    with _ARROW_FIRST:
-        if not _ARROW_READY.is_set():
-            pa.array([0], pa.int64())
-            _ARROW_READY.set()
 
 
 def parse_extend_info(raw: Any) -> tuple[dict[str, Any], bool]:
