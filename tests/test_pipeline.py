@@ -14,7 +14,7 @@ import pytest
 from pipelines.emulator import FaultPlan
 from pipelines.opensearch_tasks.cursor import InstanceCursor
 from pipelines.runner import run
-from tests.cli_helpers import assert_truth_as_of
+from tests.cli_helpers import assert_truth_as_of, cli_env
 from tests.pipeline_helpers import (
     AK,
     KEY,
@@ -27,6 +27,8 @@ from tests.pipeline_helpers import (
     run_ok,
 )
 
+# the installed ``opensearch-tasks`` (pipelines.cli:entry_point: no pandas, no final collection)
+CONSOLE_SCRIPT = str(Path(sys.executable).with_name("opensearch-tasks"))
 SMALL = {
     "app_groups": 2,
     "functions_per_group": 2,
@@ -350,14 +352,8 @@ def _instance_cursors(config) -> dict[str, InstanceCursor]:
 
 
 def test_cli_run_keeps_the_secret_out_of_output_and_files(emu, tmp_path):
-    env = {
-        **os.environ,
-        "ALIBABA_CLOUD_ACCESS_KEY_ID": AK,
-        "ALIBABA_CLOUD_ACCESS_KEY_SECRET": SECRET,
-        "ALIBABA_CLOUD_ECS_METADATA_DISABLED": "true",
-    }
-    # the installed console script (pipelines.cli:entry_point, which skips the final collection)
-    script = str(Path(sys.executable).with_name("opensearch-tasks"))
+    env = {**os.environ, **cli_env()}
+    script = CONSOLE_SCRIPT
     args = [
         script,
         "--debug",
@@ -390,15 +386,9 @@ def test_cli_run_keeps_the_secret_out_of_output_and_files(emu, tmp_path):
 def test_cli_run_reads_and_loads_without_importing_pandas(emu, tmp_path):
     """The command declares pandas unused: pyarrow would import it only to ask whether each list it
     converts is a pandas object (0.5-1 s and ~25 MB per run). Parquet, with reading processes."""
-    env = {
-        **os.environ,
-        "ALIBABA_CLOUD_ACCESS_KEY_ID": AK,
-        "ALIBABA_CLOUD_ACCESS_KEY_SECRET": SECRET,
-        "ALIBABA_CLOUD_ECS_METADATA_DISABLED": "true",
-        "PYTHONPROFILEIMPORTTIME": "1",  # every import, on stderr
-    }
+    env = {**os.environ, **cli_env(), "PYTHONPROFILEIMPORTTIME": "1"}  # every import, on stderr
     lake = tmp_path / "lake"
-    args = [str(Path(sys.executable).with_name("opensearch-tasks")), "run", "--endpoint", emu.url]
+    args = [CONSOLE_SCRIPT, "run", "--endpoint", emu.url]
     args += ["--destination", "parquet", "--parquet-dir", str(lake), "--processes", "1"]
     args += ["--duckdb-path", str(tmp_path / "models.duckdb"), "--pipelines-dir", str(tmp_path / "pl")]
     for app in sorted({t[0] for t in emu.targets()}):

@@ -17,6 +17,7 @@ import pyarrow as pa
 
 ARROW_READY = threading.Event()
 _ARROW_FIRST = threading.Lock()
+_PANDAS_UNUSED = False  # set by declare_pandas_unused
 
 
 def ensure_arrow_ready() -> None:
@@ -36,9 +37,6 @@ def ensure_arrow_ready() -> None:
             else:
                 pa.array([0], pa.int64())
             ARROW_READY.set()
-
-
-_PANDAS_UNUSED = False
 
 
 def declare_pandas_unused() -> None:
