@@ -15,7 +15,7 @@ from typing import Any
 
 import pyarrow as pa
 
-ARROW_READY = threading.Event()
+_ARROW_READY = threading.Event()
 _ARROW_FIRST = threading.Lock()
 _PANDAS_UNUSED = False  # set by declare_pandas_unused
 
@@ -29,14 +29,16 @@ def ensure_arrow_ready() -> None:
     pandas, that raised "partially initialized module 'pandas' has no attribute 'DataFrame'" (seen
     with 16 workers). So readers convert their first batch under a lock, and the resource calls this
     before it hands dlt its first table. Lazily: a run with nothing new converts nothing."""
+    if _ARROW_READY.is_set():  # every later call: an Event check, no lock (once per table)
+        return
     with _ARROW_FIRST:
-        if not ARROW_READY.is_set():
+        if not _ARROW_READY.is_set():
             if _PANDAS_UNUSED and "pandas" not in sys.modules:
                 with _pandas_hidden():
                     pa.array([0], pa.int64())
             else:
                 pa.array([0], pa.int64())
-            ARROW_READY.set()
+            _ARROW_READY.set()
 
 
 def declare_pandas_unused() -> None:

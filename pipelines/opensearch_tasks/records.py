@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from dlt.common.normalizers.naming.snake_case import NamingConvention
 
-from pipelines.opensearch_tasks.arrow_ready import ARROW_READY, ensure_arrow_ready
+from pipelines.opensearch_tasks.arrow_ready import ensure_arrow_ready
 from pipelines.opensearch_tasks.settings import EXTEND_INFO_PREFIX, SECONDS_THRESHOLD
 
 _NAMING = NamingConvention()
@@ -409,8 +409,7 @@ class TaskBatch:
             values[row] = float(value) if kind == "double" else value
 
     def to_arrow(self) -> pa.Table:
-        if not ARROW_READY.is_set():
-            ensure_arrow_ready()
+        ensure_arrow_ready()
         n = len(self.run_id)
         start_ms = pa.array(self.start_ms, type=pa.int64())
         end_ms = pa.array(self.end_ms, type=pa.int64())
