@@ -8,9 +8,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import dlt
 import duckdb
 import pytest
 
+import pipelines.opensearch_tasks as source_module
 from pipelines.emulator import FaultPlan
 from pipelines.opensearch_tasks.cursor import InstanceCursor
 from pipelines.runner import run
@@ -523,3 +525,38 @@ def test_reading_processes_load_what_threads_load(make_emulator, tmp_path, desti
         cursors.append({i.target: i.cursor for i in result.report.instances})
     assert tables[0] == tables[1]
     assert cursors[0] == cursors[1]
+
+
+@pytest.mark.parametrize("rows_per_yield", [5_000, 60])
+def test_small_instances_reach_dlt_as_few_larger_tables(emu, tmp_path, monkeypatch, rows_per_yield):
+    """dlt's extract costs milliseconds per Arrow table, so the source hands it the tables of small
+    instances (here 8, of up to 40 tasks) combined, at least ``ROWS_PER_YIELD`` rows at a time, and
+    the rest at the end; every row still arrives once, with its own values."""
+    monkeypatch.setattr(source_module, "ROWS_PER_YIELD", rows_per_yield)
+    handed: list[int] = []
+
+    def count(table: Any) -> Any:
+        handed.append(table.num_rows)
+        return table
+
+    source = source_module.opensearch_tasks(
+        targets=sorted({t[0] for t in emu.targets()}),
+        endpoint=emu.url,
+        access_key_id=AK,
+        access_key_secret=SECRET,
+    )
+    pipeline = dlt.pipeline(
+        "combine_test",
+        destination=dlt.destinations.duckdb(str(tmp_path / "tasks.duckdb")),
+        dataset_name="opensearch_tasks",
+        pipelines_dir=str(tmp_path / "dlt"),
+    )
+    pipeline.run(source.resources["function_tasks"].add_map(count))
+    total = len(emu.truth())
+    assert sum(handed) == total
+    if rows_per_yield > total:
+        assert handed == [total]
+    else:
+        assert 1 < len(handed) < len(emu.targets())
+        assert all(rows >= rows_per_yield for rows in handed[:-1])
+    assert_equals_truth(duckdb_rows(str(tmp_path / "tasks.duckdb")), emu)

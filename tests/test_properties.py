@@ -289,6 +289,29 @@ def test_widened_tables_keep_every_value_in_the_registry_order(items, split):
         )
 
 
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(items=st.lists(tasks(), min_size=1, max_size=6), split=st.integers(0, 6))
+def test_tables_widened_together_are_their_rows_in_one_schema(items, split):
+    """``widen_all`` gives one table: each input padded to every column known when it is called
+    (the first table gains the columns the second brought), rows in order, values unchanged."""
+    kinds = ColumnKinds()
+    halves = [half for half in (items[:split], items[split:]) if half]
+    try:
+        tables = [records_to_table(half, TARGET, 1, kinds) for half in halves]
+    except RecordError:
+        return
+    combined = kinds.widen_all(tables, "1795780000.5")
+    assert combined.column_names == [*CORE_NAMES, LOAD_ID_COLUMN, *kinds.kinds]
+    assert combined.num_rows == sum(table.num_rows for table in tables)
+    assert combined.equals(pa.concat_tables([kinds.widen(t, "1795780000.5") for t in tables]))
+    offset = 0
+    for table in tables:
+        part = combined.slice(offset, table.num_rows)
+        for name in table.column_names:
+            assert part.column(name).combine_chunks().equals(table.column(name).combine_chunks())
+        offset += table.num_rows
+
+
 @given(workers=st.integers(2, 64), processes=st.integers(1, 8))
 def test_reading_threads_add_up_to_the_workers(workers, processes):
     """``--workers`` is the number of requests in flight: children and loader share it exactly."""

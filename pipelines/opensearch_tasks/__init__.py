@@ -139,6 +139,13 @@ def opensearch_tasks(
     return resource
 
 
+# dlt's extract costs the loader milliseconds of CPU per Arrow table whatever its size (hints validated,
+# column names normalised, the table schema updated), so tables are handed to it holding at least this
+# many rows: small instances' tables are combined (50,000 tasks in 200 instances: one table each made
+# that ~1 s slower), while a deep instance's own batches, already this large, pass straight on.
+ROWS_PER_YIELD = 5_000
+
+
 @dlt.resource(name=TABLE_NAME, primary_key=PRIMARY_KEY, write_disposition="merge")
 def function_tasks(
     client: OpenSearchClient,
@@ -168,11 +175,17 @@ def function_tasks(
     else:
         events = read_in_threads(reading, targets, workers)
     child_requests = child_retries = 0
+    pending: list[pa.Table] = []  # rows not yet handed to dlt (see ROWS_PER_YIELD)
+    pending_rows = 0
     with contextlib.closing(events):
         for kind, payload in events:
             if kind == "rows":
-                ensure_arrow_ready()  # no thread still importing pandas when dlt looks for it
-                yield kinds.widen(payload, load_id)
+                pending.append(payload)
+                pending_rows += payload.num_rows
+                if pending_rows >= ROWS_PER_YIELD:
+                    ensure_arrow_ready()  # no thread still importing pandas when dlt looks for it
+                    yield kinds.widen_all(pending, load_id)
+                    pending, pending_rows = [], 0
                 continue
             if payload.read_in_child:  # counted in a child process: this client never saw them
                 child_requests += payload.requests
@@ -180,6 +193,9 @@ def function_tasks(
             _finish_instance(payload, cursors, report)
             if report.on_progress is not None:
                 report.on_progress(payload, len(report.instances), report.planned)
+    if pending:  # every reader is done: the last rows, whatever their number
+        ensure_arrow_ready()
+        yield kinds.widen_all(pending, load_id)
     report.requests = client.stats.requests + child_requests
     report.retries = client.stats.retries + child_retries
 
