@@ -13,7 +13,10 @@ exponential backoff with jitter.
 from __future__ import annotations
 
 import functools
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
+import darabonba.core
 import pytest
 
 import pipelines.opensearch_tasks as source_module
@@ -204,6 +207,34 @@ def test_429_without_retry_hint_falls_back_to_backoff(emu):
     assert [r.status for r in records] == [429, 429, 200]
     assert records[-1].wall_time - records[0].wall_time < 0.5
     assert client.stats.retries == 2
+
+
+def test_threads_starting_together_build_one_http_session(emu, monkeypatch):
+    """The SDK builds its HTTP session (with an SSL context: ~50 ms of CPU) on a process's first
+    request; eight threads starting at once build it once, and each still gets its own answer."""
+    built: list[str] = []
+    real = darabonba.core.DaraCore.get_adapter
+
+    def counting(prefix, *args, **kwargs):
+        built.append(prefix)
+        return real(prefix, *args, **kwargs)
+
+    monkeypatch.setattr(darabonba.core.DaraCore, "get_adapter", staticmethod(counting))
+    client = OpenSearchClient(Credentials(AK, SECRET), endpoint=emu.url)
+    client.forget_connections()  # as in a reading process just forked: no session yet
+    targets = emu.targets()
+    start = threading.Barrier(8)
+
+    def first_page(target: tuple[str, str, str]) -> dict:
+        start.wait()
+        return client.get("ListFunctionTasks", tasks_path(*target), {"pageSize": 5}, "probe")
+
+    emu.reset_requests()
+    with ThreadPoolExecutor(8) as pool:
+        bodies = list(pool.map(first_page, [targets[i % len(targets)] for i in range(8)]))
+    assert len(built) == 1, built
+    assert all(body["result"] for body in bodies)
+    assert len(emu.requests) == 8
 
 
 def test_permanent_errors_are_not_retried(emu):

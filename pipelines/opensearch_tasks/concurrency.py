@@ -348,7 +348,7 @@ def _child_main(
         with contextlib.suppress(OSError):
             os.close(fd)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    _forget_inherited_connections()
+    reading.client.forget_connections()
     lock = threading.Lock()  # one pipe, several threads
     dealt: queue.SimpleQueue[int | None] = queue.SimpleQueue()
 
@@ -435,12 +435,3 @@ def _lean_allocators() -> None:
         ctypes.CDLL(None).mallopt(-8, 2)  # M_ARENA_MAX
     with contextlib.suppress(Exception):
         pa.jemalloc_set_decay_ms(0)
-
-
-def _forget_inherited_connections() -> None:
-    """Keep-alive sockets from the parent's pool must not be shared: start with empty pools."""
-    for module_name, class_name in (("darabonba.core", "DaraCore"), ("Tea.core", "TeaCore")):
-        module = sys.modules.get(module_name)
-        core = getattr(module, class_name, None) if module else None
-        if core is not None and isinstance(getattr(core, "_sessions", None), dict):
-            core._sessions = {}
