@@ -147,6 +147,38 @@ def test_parse_extend_info_flattens_the_documented_way():
     assert parse_extend_info('{"a": 1') == ({}, True)
 
 
+METRICS = ("auc", "recall", "loss")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rows=st.lists(
+        st.dictionaries(
+            st.sampled_from(METRICS),
+            st.none()
+            | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+            | st.floats(allow_nan=False, allow_infinity=False),
+            max_size=3,
+        ),
+        min_size=1,
+        max_size=8,
+    )
+)
+def test_numbers_become_doubles_with_null_where_a_task_has_none(rows):
+    """Numbers are kept as doubles (ints converted like ``float()``); a task without the key, or
+    with ``null``, gets NULL in that column (never NaN, the batch's own marker for "no value")."""
+    items = [{"runId": f"r{i}", "extendInfo": orjson.dumps(row).decode()} for i, row in enumerate(rows)]
+    table = records_to_table(items, TARGET, 1, ColumnKinds())
+    for key in METRICS:
+        column = f"extend_info__{key}"
+        expected = [None if row.get(key) is None else float(row[key]) for row in rows]
+        if all(value is None for value in expected):
+            assert column not in table.column_names
+            continue
+        assert table.schema.field(column).type == pa.float64()
+        assert table.column(column).to_pylist() == expected
+
+
 # -- the pipeline under random schedules ----------------------------------------------------------
 step = st.one_of(
     st.tuples(st.just("advance"), st.floats(0.05, 30)),
