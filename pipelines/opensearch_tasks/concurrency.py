@@ -304,8 +304,8 @@ class _Child:
                 self.deal()
             while not events.closed.is_set():
                 kind, payload = self.conn.recv()
-                if kind == "rows":
-                    events.put(("rows", pa.ipc.open_stream(payload).read_all()))
+                if kind == "rows":  # the IPC stream follows its header
+                    events.put(("rows", pa.ipc.open_stream(self.conn.recv_bytes()).read_all()))
                 elif kind == "done":
                     result, fatal = payload
                     self.pending.pop(result.target.key, None)
@@ -362,7 +362,10 @@ def _child_main(
         sink = pa.BufferOutputStream()
         with pa.ipc.new_stream(sink, table.schema) as writer:
             writer.write_table(table)
-        send(("rows", sink.getvalue().to_pybytes()))
+        payload = sink.getvalue()
+        with lock:  # a header, then the IPC stream as it is: no Python bytes copy, no pickled copy
+            conn.send(("rows", payload.size))
+            conn.send_bytes(payload)
 
     def receive() -> None:
         """The parent's deals -> ``dealt``; one message per thread slot, None ends a thread."""

@@ -178,8 +178,9 @@ def read_instance(
         batch.add_page(page, keep)
         if len(batch) >= options.batch_rows:
             report.rows_written += len(batch)
-            emit(batch.to_arrow())
-            batch = TaskBatch(kinds, target, fetched_at_us)
+            # the batch's Python rows are freed before emit, which may wait for a full queue
+            table, batch = batch.to_arrow(), TaskBatch(kinds, target, fetched_at_us)
+            emit(table)
         if len(items) < size:
             if first_total is not None and len(seen) < first_total and size != options.page_size:
                 # Fewer tasks than the server counted: it capped the larger page size. Read again
@@ -212,7 +213,9 @@ def read_instance(
             break  # defensive: never page past what the server says exists
     if len(batch):
         report.rows_written += len(batch)
-        emit(batch.to_arrow())
+        table = batch.to_arrow()
+        del batch
+        emit(table)
     if not backfill:
         report.cursor, report.went_stale = update.result(clock_ms, options.stale_after_ms)
     requests_after, retries_after = client.thread_counts()

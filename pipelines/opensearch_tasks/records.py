@@ -272,9 +272,20 @@ def _column(items: list[dict[str, Any]], camel: str, pascal: str) -> list[Any]:
     return values
 
 
+def _only(values: list[Any], *types: type) -> bool:
+    """Whether every value is exactly one of ``types`` (``bool`` is not an ``int`` here): the
+    common page, whose columns then need no per-value conversion (checked in C, ~4x cheaper)."""
+    return set(map(type, values)) <= set(types)
+
+
 def _epoch_ms(
     values: list[Any], field_name: str, run_ids: list[Any], target: Target
 ) -> tuple[list[int | None], list[bool]]:
+    if values and _only(values, int):  # ``to_epoch_ms`` per value, when no value is in seconds
+        timed = [v for v in values if v > 0] if min(values) <= 0 else values
+        if not timed or (min(timed) >= SECONDS_THRESHOLD and max(timed) <= _MAX_EPOCH_MS):
+            converted = values if timed is values else [v if v > 0 else None for v in values]
+            return converted, [False] * len(values)
     try:
         converted = [to_epoch_ms(v) for v in values]
     except (TypeError, ValueError, OverflowError):
@@ -322,22 +333,42 @@ def read_page(items: list[dict[str, Any]], target: Target) -> PageColumns:
                         f"{orjson.dumps(items[index])[:200]!r}"
                     )
                 run_ids[index] = f"generation:{generation}"
-    statuses = [str(v).lower() if v is not None else None for v in _column(items, "status", "Status")]
+    statuses = _statuses(_column(items, "status", "Status"))
     starts, start_s = _epoch_ms(_column(items, "startTime", "StartTime"), "startTime", run_ids, target)
     ends, end_s = _epoch_ms(_column(items, "endTime", "EndTime"), "endTime", run_ids, target)
-    ends = [None if st == "running" else e for e, st in zip(ends, statuses, strict=True)]
-    progress = [_progress(v) for v in _column(items, "progress", "Progress")]
-    raw = [raw_extend_info(v) for v in _column(items, "extendInfo", "ExtendInfo")]
+    if "running" in statuses:
+        ends = [None if st == "running" else e for e, st in zip(ends, statuses, strict=True)]
+    progress = _column(items, "progress", "Progress")
+    if not (
+        _only(progress, int) and -(2**63) <= min(progress, default=0) <= max(progress, default=0) < 2**63
+    ):
+        progress = [_progress(v) for v in progress]
+    raw = _column(items, "extendInfo", "ExtendInfo")
+    if not _only(raw, str, type(None)):
+        raw = [raw_extend_info(v) for v in raw]
     return PageColumns(
-        run_id=[str(r) for r in run_ids],
-        generation=[str(g) if g is not None else None for g in generations],
+        run_id=run_ids if _only(run_ids, str) else [str(r) for r in run_ids],
+        generation=generations
+        if _only(generations, str, type(None))
+        else [str(g) if g is not None else None for g in generations],
         status=statuses,
         progress=progress,
         start_ms=starts,
         end_ms=ends,
         extend_info=raw,
-        seconds=[a or b for a, b in zip(start_s, end_s, strict=True)],
+        seconds=[a or b for a, b in zip(start_s, end_s, strict=True)]
+        if True in start_s or True in end_s
+        else [False] * len(starts),
     )
+
+
+def _statuses(values: list[Any]) -> list[str | None]:
+    """Lower-cased text (a page holds a handful of distinct statuses: each is lowered once)."""
+    if not _only(values, str, type(None)):  # odd JSON (1 and true would share a dict key)
+        return [str(v).lower() if v is not None else None for v in values]
+    lowered: dict[str | None, str | None] = {v: v.lower() for v in set(values) if v is not None}
+    lowered[None] = None
+    return list(map(lowered.__getitem__, values))
 
 
 @dataclass
