@@ -286,16 +286,24 @@ def test_reconciled_tables_of_two_processes_lose_no_value(items, split):
             assert reconciled.schema.field(after).type == KIND_TYPES[parent.kinds[after]]
 
 
+def _flattened_in_two_batches(items: list[Any], split: int, kinds: ColumnKinds) -> list[pa.Table] | None:
+    """The tasks flattened as two batches (split at ``split``) sharing ``kinds``, the second
+    possibly bringing new columns; None when a task cannot be keyed (refused loudly: allowed)."""
+    halves = [half for half in (items[:split], items[split:]) if half]
+    try:
+        return [records_to_table(half, TARGET, 1, kinds) for half in halves]
+    except RecordError:
+        return None
+
+
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(items=st.lists(tasks(), min_size=1, max_size=6), split=st.integers(0, 6))
 def test_widened_tables_keep_every_value_in_the_registry_order(items, split):
     """``widen`` pads a table to every column the registry knows, in the registry's order, with
     ``_dlt_load_id`` after the core columns: values are moved, never changed or dropped."""
     kinds = ColumnKinds()
-    halves = [half for half in (items[:split], items[split:]) if half]
-    try:
-        tables = [records_to_table(half, TARGET, 1, kinds) for half in halves]
-    except RecordError:
+    tables = _flattened_in_two_batches(items, split, kinds)
+    if tables is None:
         return
     for table in tables:
         widened = kinds.widen(table, "1795780000.5")
@@ -327,10 +335,8 @@ def test_tables_widened_together_are_their_rows_in_one_schema(items, split):
     """``widen_all`` gives one table: each input padded to every column known when it is called
     (the first table gains the columns the second brought), rows in order, values unchanged."""
     kinds = ColumnKinds()
-    halves = [half for half in (items[:split], items[split:]) if half]
-    try:
-        tables = [records_to_table(half, TARGET, 1, kinds) for half in halves]
-    except RecordError:
+    tables = _flattened_in_two_batches(items, split, kinds)
+    if tables is None:
         return
     combined = kinds.widen_all(tables, "1795780000.5")
     assert combined.column_names == [*CORE_NAMES, LOAD_ID_COLUMN, *kinds.kinds]
