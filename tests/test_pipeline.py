@@ -557,6 +557,7 @@ def test_small_instances_reach_dlt_as_few_larger_tables(emu, tmp_path, monkeypat
     if rows_per_yield > total:
         assert handed == [total]
     else:
-        assert 1 < len(handed) < len(emu.targets())
+        assert len(handed) < len(emu.targets())  # combined: fewer tables than instances,
+        assert len(handed) > 1  # yet handed on as they reach the threshold, not all at the end
         assert all(rows >= rows_per_yield for rows in handed[:-1])
     assert_equals_truth(duckdb_rows(str(tmp_path / "tasks.duckdb")), emu)
