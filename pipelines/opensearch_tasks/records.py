@@ -199,19 +199,7 @@ class ColumnKinds:
         (3.4-3.9 s per 1M tasks). dlt appends new columns in the order they arrive, i.e. this
         registry's order. dlt's own ``add_dlt_load_id`` would append the load id at the end of
         each file while the schema keeps it where it was first seen, so no file would match."""
-        return self._widen(table, self.kinds.copy(), load_id)
-
-    def widen_all(self, tables: Sequence[pa.Table], load_id: str | None = None) -> pa.Table:
-        """The tables as one, widened like ``widen``: Arrow pads each with the columns only others
-        have (in C++, ~10x cheaper than padding table by table) and keeps their chunks."""
-        if len(tables) == 1:
-            return self.widen(tables[0], load_id)
-        # "default" promotion only fills absent columns with nulls: one name with two types still
-        # fails here, as a bug should (kinds are first-wins, and ``reconcile`` renamed the odd ones)
-        return self.widen(pa.concat_tables(tables, promote_options="default"), load_id)
-
-    @staticmethod
-    def _widen(table: pa.Table, known: dict[str, str], load_id: str | None) -> pa.Table:
+        known = self.kinds.copy()  # readers in other threads may add columns meanwhile
         present = set(table.column_names)
         rows = table.num_rows
         arrays = [table.column(name) for name in CORE_NAMES]
@@ -230,6 +218,15 @@ class ColumnKinds:
         if [f.name for f in fields] == table.column_names:
             return table
         return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+    def widen_all(self, tables: Sequence[pa.Table], load_id: str | None = None) -> pa.Table:
+        """The tables as one, widened like ``widen``: Arrow pads each with the columns only others
+        have (in C++, ~10x cheaper than padding table by table) and keeps their chunks."""
+        if len(tables) == 1:
+            return self.widen(tables[0], load_id)
+        # "default" promotion only fills absent columns with nulls: one name with two types still
+        # fails here, as a bug should (kinds are first-wins, and ``reconcile`` renamed the odd ones)
+        return self.widen(pa.concat_tables(tables, promote_options="default"), load_id)
 
     def place(self, column: str, value: Any) -> tuple[str, str]:
         """Return (column to write, kind) for a value, registering the column when new."""
@@ -505,7 +502,8 @@ def _new_values(kind: str, size: int) -> list[Any] | array[float]:
 
 
 def _missing(values: list[Any] | array[float], count: int) -> list[Any] | array[float]:
-    return array("d", [_NAN]) * count if isinstance(values, array) else [None] * count
+    """``count`` more missing values for an existing column, of its own container type."""
+    return _new_values("double" if isinstance(values, array) else "other", count)
 
 
 def _doubles(values: array[float]) -> pa.Array:
