@@ -352,7 +352,9 @@ def test_tables_widened_together_are_their_rows_in_one_schema(items, split):
 
 @given(workers=st.integers(2, 64), processes=st.integers(1, 8))
 def test_reading_threads_add_up_to_the_workers(workers, processes):
-    """``--workers`` is the number of requests in flight: children and loader share it exactly."""
+    """``--workers`` is the number of requests in flight: children and loader share it exactly, and
+    the loader, which also runs dlt, keeps no more than the remainder of an even split (plus one)."""
     processes = min(processes, workers - 1)  # what the source does
     per_child, own = split_threads(workers, processes)
     assert processes * per_child + own == workers, (per_child, own)
+    assert 1 <= own <= processes, (per_child, own)

@@ -9,12 +9,13 @@ holding the GIL, so one process tops out at one core however many threads wait o
 (see ``benchmarks/``). Children are *forked*: they inherit the client, credentials, options and cursors
 without pickling a secret, read the instances the parent deals them with their own threads, and send
 Arrow IPC batches and reports back over one pipe each. The parent keeps everything dlt does (extract,
-state, normalize, load), so state still moves only when the load package commits, and reads with its
-own threads too. Instances are dealt one at a time to whichever thread is free. Measured on 2 cores
-(1M tasks, Parquet): threads only 33.9 s; one reader 36.8 s (the reader was the bottleneck); two
-readers 27.2 s but 516 MB summed PSS; one reader plus the parent's half share, dealt up front,
-28.0-28.7 s at ~420-445 MB; the same dealt on demand 23.9 s. Network-bound (200 x 500 tasks, pages
-of 100, 50 ms a request): dealt up front 17.5-17.8 s, on demand 14.9-15.8 s.
+state, normalize, load), so state still moves only when the load package commits, and reads with one
+thread of its own (``split_threads``). Instances are dealt one at a time to whichever thread is free.
+Measured on 2 cores (1M tasks, Parquet, an earlier version): threads only 33.9 s; one reader 36.8 s
+(the reader was the bottleneck); two readers 27.2 s but 516 MB summed PSS; one reader plus the
+parent's half share, dealt up front, 28.0-28.7 s at ~420-445 MB; the same dealt on demand 23.9 s.
+Network-bound (200 x 500 tasks, pages of 100, 50 ms a request): dealt up front 17.5-17.8 s, on
+demand 14.9-15.8 s.
 """
 
 from __future__ import annotations
@@ -52,7 +53,6 @@ logger = logging.getLogger(__name__)
 
 Event = tuple[str, Any]  # ("rows", pa.Table) | ("done", InstanceReport)
 
-MAX_READER_THREADS = 4
 CAN_FORK = sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
 
 
@@ -60,7 +60,7 @@ def default_processes() -> int:
     """Reading processes beside the loader: one per core but the loader's own (which runs dlt), at
     most 3, where forking is safe; else 0 (the loader reads with threads).
 
-    On 2 cores that is one reader: with the loader's own half share it measured about as fast as
+    On 2 cores that is one reader: beside the loader's own share it measured about as fast as
     two readers (the emulator, the loader and the readers share the cores) and a forked reader
     holds ~170-240 MB of its own (summed PSS; it writes into pages it inherited)."""
     return max(0, min((os.cpu_count() or 1) - 1, 3)) if CAN_FORK else 0
@@ -223,11 +223,14 @@ def read_in_processes(
 
 
 def split_threads(workers: int, processes: int) -> tuple[int, int]:
-    """(threads per child, threads of this process), ``workers`` in all when ``workers`` allows.
+    """(threads per child, threads of this process): ``workers`` in all when ``workers`` allows, the
+    children taking all but one (this process keeps what does not divide evenly).
 
-    This process runs dlt too, so it counts for half a child; a reader's thread holds a page and a
-    batch (~25 MB measured), and four keep a core busy."""
-    per_child = max(1, min(MAX_READER_THREADS, (workers * 2) // (2 * processes + 1)))
+    Why one here: this process also runs dlt and takes the children's batches, under one GIL. With
+    four reading threads here (4 + 4) it was the bottleneck: once the cores were not shared with the
+    emulator, a 1M-task backfill ran at ~41,000 tasks/s while the child, its batches waiting to be
+    taken, used ~0.2 of a core; with 7 + 1, ~56,000 tasks/s (``benchmarks/README.md``)."""
+    per_child = max(1, (workers - 1) // processes)
     return per_child, max(1, workers - processes * per_child)
 
 
