@@ -684,6 +684,23 @@ def test_control_endpoints(fixed: Emulator) -> None:
     assert added.json()["extend_info"] == "{x" and added.json()["status"] == "failed"
 
 
+def test_render_builds_every_finished_task_and_serves_the_same_pages(make_emulator: Any) -> None:
+    """``POST /_emulator/render`` (the benchmarks call it before a measured run) builds the JSON of
+    every finished task up front; a client reads exactly what a lazily rendering twin serves."""
+    lazy, rendered = make_emulator(start_ms=START_MS), make_emulator(start_ms=START_MS)
+    reply = requests.post(rendered.url + "/_emulator/render", timeout=30).json()
+    assert reply == {"rendered": len(rendered.truth())} and reply["rendered"] > 0
+    for inst in rendered.world.instances.values():  # finished tasks are cached, none was built lazily
+        now = rendered.now_ms
+        finished = [i for i in inst.visible(now) if inst.ends[i] <= now]
+        assert finished and all(inst.cache[i] is not None for i in finished)
+    for target in lazy.targets():
+        for page in range(1, 4):
+            pages = [list_tasks(e, target, pageSize=7, pageNumber=page) for e in (lazy, rendered)]
+            assert pages[0]["result"] == pages[1]["result"]
+            assert pages[0]["totalCount"] == pages[1]["totalCount"]
+
+
 def test_cli_prints_url_first_and_stops_on_sigterm() -> None:
     proc = subprocess.Popen(
         [

@@ -61,6 +61,11 @@ class Control:
                 world.advance(step)
             return self._clock()
 
+    def _post_render(self, data: Any, query: dict[str, str]) -> dict[str, int]:
+        world = self.app.world
+        with world.lock:
+            return {"rendered": world.render()}
+
     def _get_faults(self, data: Any, query: dict[str, str]) -> dict[str, Any]:
         state = self.app.faults
         return {"plan": state.plan.to_dict(), "injected": dict(state.injected)}
