@@ -142,6 +142,11 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         help="extra loader options, e.g. '--max-page-size 100 --processes 0'",
     )
+    parser.add_argument(
+        "--lazy-emulator",
+        action="store_true",
+        help="the emulator builds each page on first request (default: rendered first, as in make bench)",
+    )
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args(argv)
     py_spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
@@ -156,7 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     per_instance = args.tasks // scenarios.INSTANCES
     bench = scenarios.Bench(workdir, env, scenarios.Sizes.for_mode(False), print)
     try:
-        with emulator(per_instance, env=env, workdir=workdir, latency_ms=args.latency_ms) as emu:
+        render = not args.lazy_emulator  # as the benchmarks run it
+        with emulator(
+            per_instance, env=env, workdir=workdir, latency_ms=args.latency_ms, render=render
+        ) as emu:
             spy_emu = subprocess.Popen(
                 [
                     *(py_spy, "record", "--pid", str(emu.proc.pid), "--rate", str(args.rate)),

@@ -217,8 +217,11 @@ class Bench:
             raise RuntimeError(f"baseline: loaded {load.rows_loaded} rows, expected {tasks}")
         return load
 
-    def emulator(self, tasks_per_instance: int, **kwargs: Any) -> Any:
-        return emulator(tasks_per_instance, env=self.env, workdir=self.workdir, **kwargs)
+    def emulator(self, tasks_per_instance: int, *, render: bool = True, **kwargs: Any) -> Any:
+        """An emulator process for one scenario; by default its pages are rendered before any
+        measured run, as a remote API's data is at rest (``render=False``: built on first request,
+        on the cores the loader is measured on)."""
+        return emulator(tasks_per_instance, env=self.env, workdir=self.workdir, render=render, **kwargs)
 
 
 def machine_busy_seconds() -> float:
@@ -253,16 +256,22 @@ def warm_up(bench: Bench) -> None:
     bench.loads.clear()
 
 
-def backfill(bench: Bench, per_instance: int, label: str) -> dict[str, Load]:
-    """A first run (no state) of every task of 200 instances into each destination; a fresh emulator
-    per run so each pays the same server-side cost (the emulator caches the JSON it has served)."""
+def backfill(
+    bench: Bench, per_instance: int, label: str, lazy_reference: bool = False
+) -> dict[str, Load]:
+    """A first run (no state) of every task of 200 instances into each destination, each against a
+    fresh, rendered emulator. ``lazy_reference`` adds one Parquet run against an emulator that
+    builds each page on first request (key ``parquet_lazy_emulator``), as every run did before."""
     tasks = per_instance * INSTANCES
     out = {}
-    for destination in ("duckdb", "parquet"):
-        with bench.emulator(per_instance) as emu:
-            where = bench.fresh_dir(f"{label}-{destination}")
-            out[destination] = bench.load(emu, label, destination, where, tasks=tasks, expect_rows=tasks)
-            out[destination].child["where"] = str(where)
+    runs = [("duckdb", True), ("parquet", True)] + ([("parquet", False)] if lazy_reference else [])
+    for destination, render in runs:
+        with bench.emulator(per_instance, render=render) as emu:
+            key = destination if render else f"{destination}_lazy_emulator"
+            name = label if render else f"{label}, lazy emulator"
+            where = bench.fresh_dir(f"{label}-{key}")
+            out[key] = bench.load(emu, name, destination, where, tasks=tasks, expect_rows=tasks)
+            out[key].child["where"] = str(where)
     return out
 
 
