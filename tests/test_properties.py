@@ -357,4 +357,5 @@ def test_reading_threads_add_up_to_the_workers(workers, processes):
     processes = min(processes, workers - 1)  # what the source does
     per_child, own = split_threads(workers, processes)
     assert processes * per_child + own == workers, (per_child, own)
-    assert 1 <= own <= processes, (per_child, own)
+    assert own >= 1, (per_child, own)
+    assert own <= processes, (per_child, own)
