@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pipelines.emulator import Emulator, FaultPlan, WorldSpec
+from pipelines.opensearch_tasks import reading_order
 from pipelines.opensearch_tasks.concurrency import split_threads
 from pipelines.opensearch_tasks.records import (
     CORE_NAMES,
@@ -348,6 +349,27 @@ def test_tables_widened_together_are_their_rows_in_one_schema(items, split):
         for name in table.column_names:
             assert part.column(name).combine_chunks().equals(table.column(name).combine_chunks())
         offset += table.num_rows
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["ctr", "pop", "hot", "hint"]), st.integers(0, 30)),
+        unique=True,
+        max_size=40,
+    )
+)
+def test_reading_order_starts_with_every_function_and_keeps_each_functions_order(pairs):
+    """Every instance is read once; the first ones cover every function (so the table's columns
+    settle early), and a function's instances keep their given order."""
+    targets = [Target("app", fn, f"{fn}_{n}") for fn, n in pairs]
+    ordered = reading_order(targets)
+    assert sorted(ordered, key=str) == sorted(targets, key=str)
+    functions = {t.function_name for t in targets}
+    assert {t.function_name for t in ordered[: len(functions)]} == functions
+    for fn in functions:
+        assert [t for t in ordered if t.function_name == fn] == [
+            t for t in targets if t.function_name == fn
+        ]
 
 
 @given(workers=st.integers(2, 64), processes=st.integers(1, 8))

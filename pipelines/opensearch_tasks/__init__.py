@@ -8,6 +8,7 @@ flattening, the cursor and the paging are in ``client.py``, ``records.py``, ``cu
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -164,7 +165,7 @@ def function_tasks(
     state = dlt.current.resource_state()
     cursors: dict[str, Any] = state.setdefault("instances", {})
     kinds = ColumnKinds.from_dlt_columns(_known_columns())
-    targets = _resolve_targets(client, specs, report)
+    targets = reading_order(_resolve_targets(client, specs, report))
     report.planned = len(targets)
     reading = Reading(client, options, kinds, dict(cursors))
     load_id = _current_load_id()
@@ -217,6 +218,22 @@ def _finish_instance(result: InstanceReport, cursors: dict[str, Any], report: Ru
         result.requests,
         result.seconds,
     )
+
+
+def reading_order(targets: Sequence[Target]) -> list[Target]:
+    """The instances in the order they are dealt: one of each function, then the next of each, ...
+
+    Why: a function's metrics become columns when its first instance is read, and dlt's normalize
+    rewrites every extracted file written before the table got its last new column (only files with
+    the table's exact columns are imported as they are). Read function by function, a 1M-task
+    first load had 125k-850k rows rewritten (normalize 0.53-0.85 s); with every function read from
+    the start, 20k (0.15-0.20 s): the columns settle within the first batches.
+    """
+    by_function: dict[str, list[Target]] = {}
+    for target in targets:
+        by_function.setdefault(target.function_name, []).append(target)
+    rounds = itertools.zip_longest(*by_function.values())
+    return [target for round_ in rounds for target in round_ if target is not None]
 
 
 def _resolve_targets(
