@@ -689,11 +689,13 @@ def test_render_builds_every_finished_task_and_serves_the_same_pages(make_emulat
     every finished task up front; a client reads exactly what a lazily rendering twin serves."""
     lazy, rendered = make_emulator(start_ms=START_MS), make_emulator(start_ms=START_MS)
     reply = requests.post(rendered.url + "/_emulator/render", timeout=30).json()
-    assert reply == {"rendered": len(rendered.truth())} and reply["rendered"] > 0
+    assert reply == {"rendered": len(rendered.truth())}
+    assert reply["rendered"] > 0
     for inst in rendered.world.instances.values():  # finished tasks are cached, none was built lazily
         now = rendered.now_ms
         finished = [i for i in inst.visible(now) if inst.ends[i] <= now]
-        assert finished and all(inst.cache[i] is not None for i in finished)
+        assert finished
+        assert all(inst.cache[i] is not None for i in finished)
     for target in lazy.targets():
         for page in range(1, 4):
             pages = [list_tasks(e, target, pageSize=7, pageNumber=page) for e in (lazy, rendered)]
