@@ -32,7 +32,7 @@ class Sizes:
 
     backfill: int  # the big backfill (full: 5,000 -> 1,000,000 tasks)
     small: int  # the memory-growth reference and the no-op world (full: 500 -> 100,000)
-    baseline: int  # ours vs dlt rest_api (full: 250 x 200 instances -> 50,000)
+    baseline: int  # ours vs dlt rest_api (full: 1,000 x 200 instances -> 200,000; see README)
     baseline_instances: int  # (quick: fewer, because rest_api pays ~50 ms per resource)
     network: int  # 50 ms per request (full: 500 -> 100,000)
     noop_destinations: tuple[str, ...]
@@ -42,7 +42,7 @@ class Sizes:
     def for_mode(cls, quick: bool) -> Sizes:
         if quick:
             return cls(50, 5, 50, 40, 100, ("duckdb",), 1)
-        return cls(5000, 500, 250, INSTANCES, 500, ("duckdb", "parquet"), 3)
+        return cls(5000, 500, 1000, INSTANCES, 500, ("duckdb", "parquet"), 3)
 
 
 @dataclass
