@@ -19,8 +19,11 @@ STARTED = time.perf_counter()
 import argparse  # noqa: E402
 import json  # noqa: E402
 
-from pipelines.cli import configure_logging, run_as_process  # noqa: E402
-from pipelines.runner import RunConfig, run  # noqa: E402
+from pipelines.startup import imports_without_gc  # noqa: E402
+
+with imports_without_gc():  # as the console script imports (pipelines.startup)
+    from pipelines.cli import configure_logging, run_as_process
+    from pipelines.runner import RunConfig, run
 
 IMPORTED = time.perf_counter()
 

@@ -29,7 +29,8 @@ from tests.pipeline_helpers import (
     run_ok,
 )
 
-# the installed ``opensearch-tasks`` (pipelines.cli:entry_point: no pandas, no final collection)
+# the installed ``opensearch-tasks`` (pipelines.startup:entry_point, then pipelines.cli's: imports
+# without the cyclic collector, no pandas, no final collection)
 CONSOLE_SCRIPT = str(Path(sys.executable).with_name("opensearch-tasks"))
 SMALL = {
     "app_groups": 2,
