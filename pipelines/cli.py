@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 
 from pipelines.opensearch_tasks.arrow_ready import declare_pandas_unused
 from pipelines.opensearch_tasks.client import OpenSearchError
+from pipelines.opensearch_tasks.concurrency import LOADER_GC_THRESHOLDS
 from pipelines.opensearch_tasks.settings import (
     DEFAULT_PAGE_SIZE,
     DEFAULT_REGION,
@@ -387,9 +388,10 @@ def _fail(args: argparse.Namespace, message: str, code: int) -> int:
 def run_as_process(job: Callable[[], int]) -> NoReturn:
     """Run ``job`` as the whole of this process, then exit with its code.
 
-    Two things only a process that owns everything it runs may do: skip pandas (pyarrow would
+    Three things only a process that owns everything it runs may do: skip pandas (pyarrow would
     import it, 0.5-1 s and ~25 MB, only to ask whether each list is a pandas object; see
-    ``arrow_ready.declare_pandas_unused``), and skip the interpreter's final garbage collection.
+    ``arrow_ready.declare_pandas_unused``), collect cyclic garbage less often while loading
+    (``concurrency.LOADER_GC_THRESHOLDS``), and skip the interpreter's final garbage collection.
     At exit CPython collects every object still alive, and dlt's import graph alone makes that
     0.4-0.5 s here (0.7-0.9 s after a run). The process is ending, so the OS frees the memory;
     everything the run wrote is closed by then (the runner closes its DuckDB connections and dlt
@@ -397,6 +399,7 @@ def run_as_process(job: Callable[[], int]) -> NoReturn:
     goes on.
     """
     declare_pandas_unused()
+    gc.set_threshold(*LOADER_GC_THRESHOLDS)
     code = job()
     gc.freeze()  # frozen objects are never collected again, so finalisation skips them
     sys.exit(code)

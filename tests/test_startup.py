@@ -1,14 +1,24 @@
-"""The command's start-up: its imports run with the cyclic garbage collector off, then frozen.
+"""How the command's processes are set up for the garbage collector.
 
-Each check runs in a fresh interpreter: freezing objects in the pytest process would outlive the
-test, and a fresh process is what the console script starts in.
+Its imports run with the cyclic collector off, then frozen; the command and its reading processes
+collect less often while loading. The start-up checks run in a fresh interpreter: freezing objects
+in the pytest process would outlive the test, and a fresh process is what the console script
+starts in.
 """
 
 from __future__ import annotations
 
+import gc
+import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+from pipelines.opensearch_tasks import concurrency
+from pipelines.opensearch_tasks.concurrency import LOADER_GC_THRESHOLDS
+from tests.pipeline_helpers import AK, SECRET, assert_equals_truth, config_for, duckdb_rows, run_ok
 
 CONSOLE_SCRIPT = Path(sys.executable).with_name("opensearch-tasks")
 
@@ -65,3 +75,44 @@ def test_the_console_script_starts_through_the_start_up_module():
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "run" in done.stdout
+
+
+def test_the_command_collects_less_often_while_it_runs_its_job():
+    out = _python(
+        """
+import gc
+from pipelines.cli import run_as_process
+run_as_process(lambda: print(*gc.get_threshold()) or 0)
+"""
+    )
+    assert tuple(int(n) for n in out.split()) == LOADER_GC_THRESHOLDS
+    assert LOADER_GC_THRESHOLDS[0] > gc.get_threshold()[0]  # not this process's (the default)
+
+
+def test_reading_processes_collect_less_often_and_the_caller_keeps_its_own(
+    make_emulator, tmp_path, monkeypatch, caplog
+):
+    """A reading process is ours and sets the thresholds itself; a process that calls ``run()``
+    (a notebook, an Airflow worker, this one) keeps whatever it had."""
+    emu = make_emulator(keys={AK: SECRET}, app_groups=1, functions_per_group=2, tasks_per_instance=30)
+    read_instance = concurrency.read_instance
+
+    def reporting(*args: Any, **kwargs: Any) -> Any:  # forked readers inherit this patch
+        logging.getLogger("pipelines.gc_probe").warning(
+            "pid %d thresholds %s", os.getpid(), ",".join(map(str, gc.get_threshold()))
+        )
+        return read_instance(*args, **kwargs)
+
+    monkeypatch.setattr(concurrency, "read_instance", reporting)
+    caller = gc.get_threshold()
+    config = config_for(emu, tmp_path, processes=2, workers=4)
+    with caplog.at_level(logging.WARNING, logger="pipelines.gc_probe"):
+        run_ok(config)
+    # "pid N thresholds A,B,C" (a reader's records arrive formatted, through the parent)
+    probes = [r.getMessage().split()[1::2] for r in caplog.records if r.name == "pipelines.gc_probe"]
+    readers = {thresholds for pid, thresholds in probes if int(pid) != os.getpid()}
+    own = {thresholds for pid, thresholds in probes if int(pid) == os.getpid()}
+    assert readers == {",".join(map(str, LOADER_GC_THRESHOLDS))}
+    assert own == {",".join(map(str, caller))}
+    assert gc.get_threshold() == caller
+    assert_equals_truth(duckdb_rows(config.duckdb_path), emu)
