@@ -406,7 +406,8 @@ def run_as_process(job: Callable[[], int]) -> NoReturn:
 
 
 def entry_point() -> NoReturn:
-    """The ``opensearch-tasks`` console script."""
+    """The command as the whole process. The ``opensearch-tasks`` console script reaches it through
+    ``pipelines.startup`` (imports without the cyclic GC); ``python -m pipelines.cli`` directly."""
     run_as_process(main)
 
 
