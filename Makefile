@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint format bench bench-quick soak test-airflow lock clean
+.PHONY: install demo test lint format bench bench-quick bench-startup soak test-airflow lock clean
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,7 @@ format: $(STAMP)
 test: lint
 	$(BIN)/pytest
 
-# Issue 6's suite; extra options via BENCH_ARGS, e.g. make bench BENCH_ARGS="--only backfill --keep".
+# The loader's performance suite; extra options via BENCH_ARGS, e.g. make bench BENCH_ARGS="--only backfill --keep".
 bench: $(STAMP)
 	$(PY) benchmarks/run.py $(BENCH_ARGS)
 

@@ -7,7 +7,7 @@ Usage (the harness calls it; credentials come from ``ALIBABA_CLOUD_ACCESS_KEY_ID
 
 Configured the way the documentation teaches, with nothing of ours but the signer:
 * a custom ``AuthConfigBase`` that signs every request with ACS3-HMAC-SHA256
-  (``pipelines.emulator.sign_acs3``, the same canonical form as Alibaba's SDK);
+  (``opensearch_tasks.emulator.sign_acs3``, the same canonical form as Alibaba's SDK);
 * a ``PageNumberPaginator`` (``pageNumber`` from 1, ``pageSize`` 100, stops on an empty page);
 * one resource per instance, all into the table ``function_tasks``, with ``extendInfo`` parsed in a
   ``processing_steps`` map (dlt flattens the object into ``extend_info__*`` columns) that also adds the
@@ -40,9 +40,8 @@ from dlt.common.typing import TSecretStrValue  # noqa: E402
 from dlt.sources.helpers.rest_client.auth import AuthConfigBase  # noqa: E402
 from dlt.sources.helpers.rest_client.paginators import PageNumberPaginator  # noqa: E402
 from dlt.sources.rest_api import rest_api_source  # noqa: E402
+from opensearch_tasks.emulator import sign_acs3  # noqa: E402
 from requests import PreparedRequest  # noqa: E402
-
-from pipelines.emulator import sign_acs3  # noqa: E402
 
 IMPORTED = time.perf_counter()
 LAG_MS = 6 * 3_600_000

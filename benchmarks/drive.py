@@ -5,8 +5,8 @@ Usage (the harness calls it; credentials come from the environment, as for the C
     python benchmarks/drive.py --endpoint URL --targets-file targets.json \\
         --destination duckdb --duckdb-path x.duckdb --pipelines-dir dlt/
 
-It builds the same ``RunConfig`` as ``pipelines.cli.cmd_run`` with the CLI's defaults (models built,
-workers 8, page size 100) and calls ``pipelines.runner.run``. The last stdout line is one JSON object:
+It builds the same ``RunConfig`` as ``opensearch_tasks.cli.cmd_run`` with the CLI's defaults (models built,
+workers 8, page size 100) and calls ``opensearch_tasks.runner.run``. The last stdout line is one JSON object:
 seconds spent importing, in ``run()``, and the run report's counts.
 """
 
@@ -19,11 +19,13 @@ STARTED = time.perf_counter()
 import argparse  # noqa: E402
 import json  # noqa: E402
 
-from pipelines.startup import imports_without_gc  # noqa: E402
+from opensearch_tasks.startup import imports_without_gc  # noqa: E402
 
-with imports_without_gc():  # as the console script imports (pipelines.startup)
-    from pipelines.cli import configure_logging, run_as_process
-    from pipelines.runner import RunConfig, run
+with imports_without_gc():  # as the console script imports (opensearch_tasks.startup)
+    from opensearch_tasks.arrow_ready import declare_pandas_unused
+    from opensearch_tasks.cli import configure_logging, run_as_process
+    from opensearch_tasks.concurrency import default_processes
+    from opensearch_tasks.runner import RunConfig, run
 
 IMPORTED = time.perf_counter()
 
@@ -43,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-models", action="store_true")
     args = parser.parse_args(argv)
     configure_logging(False)
+    declare_pandas_unused()  # as ``opensearch-tasks run`` does in its own process
     with open(args.targets_file) as handle:
         targets = json.load(handle)
     config = RunConfig(
@@ -53,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         parquet_dir=args.parquet_dir,
         models_path=args.duckdb_path if args.destination == "parquet" else None,
         workers=args.workers,
-        processes=args.processes,
+        processes=default_processes() if args.processes is None else args.processes,  # as the CLI
         build_models=not args.no_models,
         pipelines_dir=args.pipelines_dir,
     )

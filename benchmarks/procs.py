@@ -55,7 +55,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 class EmulatorProcess:
-    """``python -m pipelines.emulator`` in its own process; control endpoints over HTTP."""
+    """``python -m opensearch_tasks.emulator`` in its own process; control endpoints over HTTP."""
 
     def __init__(
         self,
@@ -71,7 +71,7 @@ class EmulatorProcess:
         args = [
             sys.executable,
             "-m",
-            "pipelines.emulator",
+            "opensearch_tasks.emulator",
             "--port",
             "0",
             "--seed",

@@ -50,7 +50,7 @@ def models(duckdb_path: str) -> dict[str, float]:
     A ``count(*)`` would let DuckDB prune columns (and skip whole CTEs), so it measures less than a
     reader that selects ``*``; the batches are dropped as they arrive, so memory stays small.
     """
-    from pipelines.models import build_models_in_file
+    from opensearch_tasks.models import build_models_in_file
 
     started = time.perf_counter()
     built = build_models_in_file(duckdb_path, destination="duckdb")

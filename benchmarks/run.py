@@ -7,7 +7,7 @@ Usage::
     .venv/bin/python benchmarks/run.py --quick --only backfill,noop --keep
 
 Everything runs over real HTTP on 127.0.0.1: the emulator in its own process, each load in a fresh
-process through ``pipelines.runner.run`` (the CLI's code path), timed from spawn to exit. It prints
+process through ``opensearch_tasks.runner.run`` (the CLI's code path), timed from spawn to exit. It prints
 one line per measured process, a table of the figures against their targets and, as its last line,
 one JSON object (also written to ``benchmarks/results/``).
 """

@@ -1,6 +1,6 @@
 """The benchmark scenarios: each starts its own emulator process and measures loader processes.
 
-Every loader run goes through ``benchmarks/drive.py`` (the CLI's code path, ``pipelines.runner.run``)
+Every loader run goes through ``benchmarks/drive.py`` (the CLI's code path, ``opensearch_tasks.runner.run``)
 in a fresh process with its own destination and dlt folder, and every backfill is checked against the
 number of tasks the emulator generated, so a fast but wrong run cannot pass.
 """

@@ -1,6 +1,6 @@
 """Running the ``opensearch-tasks`` CLI from tests, cheaply.
 
-* ``run_cli``: ``pipelines.cli.main`` in-process (no 5 s dlt import per call). ``main`` configures
+* ``run_cli``: ``opensearch_tasks.cli.main`` in-process (no 5 s dlt import per call). ``main`` configures
   the root logger and sets ``RUNTIME__LOG_LEVEL``; both are put back afterwards.
 * ``CliProcess``: ``main`` in a process of its own (for kill -9, locks held by another process),
   forked from a server that imported everything once, so a process costs milliseconds. Optionally
@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import dlt
+from opensearch_tasks.cli import main
+from opensearch_tasks.cursor import InstanceCursor
 
-from pipelines.cli import main
-from pipelines.opensearch_tasks.cursor import InstanceCursor
 from tests.pipeline_helpers import AK, SECRET, by_key, truth_by_key
 
 
@@ -47,7 +47,7 @@ class CliResult:
 def run_cli(argv: Sequence[str], capsys: Any) -> CliResult:
     """``opensearch-tasks ARGV`` in this process; returns exit code, stdout and stderr."""
     root = logging.getLogger()
-    saved = (root.handlers[:], root.level, logging.getLogger("pipelines").level)
+    saved = (root.handlers[:], root.level, logging.getLogger("opensearch_tasks").level)
     saved_env = os.environ.get("RUNTIME__LOG_LEVEL")
     capsys.readouterr()
     try:
@@ -56,7 +56,7 @@ def run_cli(argv: Sequence[str], capsys: Any) -> CliResult:
         code = int(exit_.code or 0)
     finally:
         root.handlers[:], root.level = saved[0], saved[1]
-        logging.getLogger("pipelines").setLevel(saved[2])
+        logging.getLogger("opensearch_tasks").setLevel(saved[2])
         logging.getLogger("alibabacloud_credentials").setLevel(logging.NOTSET)
         if saved_env is None:
             os.environ.pop("RUNTIME__LOG_LEVEL", None)
@@ -108,7 +108,7 @@ def assert_truth_as_of(rows: list[dict[str, Any]], emu: Any, started_ms: int) ->
 
 
 def cursor_of(cursors: dict[str, Any], target: tuple[str, str, str]) -> InstanceCursor:
-    from pipelines.opensearch_tasks.records import Target
+    from opensearch_tasks.records import Target
 
     return InstanceCursor.from_state(cursors.get(Target(*target).key))
 
@@ -116,9 +116,9 @@ def cursor_of(cursors: dict[str, Any], target: tuple[str, str, str]) -> Instance
 # -- a CLI process -------------------------------------------------------------------------------
 STOP_POINTS = ("none", "normalize", "normalize-commit", "load", "load-copied", "load-end", "models")
 _PRELOAD = [
-    "pipelines.cli",
-    "pipelines.runner",
-    "pipelines.models",
+    "opensearch_tasks.cli",
+    "opensearch_tasks.runner",
+    "opensearch_tasks.models",
     "pandas",  # pyarrow imports it on the first conversion: ~3 s without bytecode caches
     "pyarrow.parquet",
     "dlt.normalize",
@@ -161,11 +161,10 @@ def _wrap_job_completion(owner: Any, table: str) -> None:
 
 
 def _install_stop(point: str) -> None:
+    import opensearch_tasks.models
     from dlt.common.storages.load_package import PackageStorage
     from dlt.common.storages.load_storage import LoadStorage
     from dlt.load.load import Load
-
-    import pipelines.models
 
     if point == "normalize":  # normalised files written, package not committed yet
         _wrap(LoadStorage, "commit_new_load_package", before=True)
@@ -178,7 +177,7 @@ def _install_stop(point: str) -> None:
     elif point == "load-end":  # every job done, the load not recorded in _dlt_loads yet
         _wrap(Load, "complete_package", before=True)
     elif point == "models":  # inside the model transaction, three views created
-        _wrap(pipelines.models, "_create_model", nth=3)
+        _wrap(opensearch_tasks.models, "_create_model", nth=3)
     elif point != "none":
         raise ValueError(f"unknown stop point {point!r}; expected one of {STOP_POINTS}")
 

@@ -12,7 +12,7 @@ import pytest
 os.environ["ALIBABA_CLOUD_ECS_METADATA_DISABLED"] = "true"
 os.environ.setdefault("RUNTIME__DLTHUB_TELEMETRY", "false")
 
-from pipelines.emulator import Emulator, FaultPlan, WorldSpec
+from opensearch_tasks.emulator import Emulator, FaultPlan, WorldSpec
 
 TEST_AK = "test-ak"
 TEST_SECRET = "test-secret-do-not-leak"

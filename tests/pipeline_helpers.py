@@ -6,8 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
-
-from pipelines.runner import RunConfig, RunResult, run
+from opensearch_tasks.runner import RunConfig, RunResult, run
 
 AK = "pipeline-test-ak"
 SECRET = "pipeline-test-secret-MUST-NOT-LEAK-7f3a"

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from opensearch_tasks.emulator import FaultPlan
 
-from pipelines.emulator import FaultPlan
 from tests.cli_helpers import CliProcess, credentials_env, instance_cursors, run_args, run_cli
 from tests.pipeline_helpers import (
     AK,

@@ -4,13 +4,13 @@ How a phase is hit, deterministically:
 
 * extraction: the emulator answers slowly; the test kills the process once it has served part of
   the pages (pure observation: the emulator's request count);
-* normalisation, load and model build: the CLI runs in a child process (``pipelines.cli.main``,
+* normalisation, load and model build: the CLI runs in a child process (``opensearch_tasks.cli.main``,
   forked from a server that has imported it once, so each kill costs milliseconds, not a 5 s import)
   in which the *test* wraps one function so that the process stops itself (SIGSTOP) right there.
   The test checks the pipeline's working folder shows that phase (e.g. a normalised package whose
   extracted twin is not deleted yet), then sends SIGKILL. Product code has no hook.
 
-One case runs the real ``python -m pipelines.cli run`` command, so the fork shortcut is not what
+One case runs the real ``python -m opensearch_tasks.cli run`` command, so the fork shortcut is not what
 makes the others pass.
 """
 
@@ -29,9 +29,9 @@ from typing import Any
 
 import duckdb
 import pytest
+from opensearch_tasks.emulator import Emulator, FaultPlan, WorldSpec
+from opensearch_tasks.runner import RunConfig
 
-from pipelines.emulator import Emulator, FaultPlan, WorldSpec
-from pipelines.runner import RunConfig
 from tests.cli_helpers import CliProcess, cli_env
 from tests.pipeline_helpers import (
     AK,
@@ -267,7 +267,7 @@ def test_kill_9_during_extraction_then_rerun_gives_the_truth(scene_for, tmp_path
 
 
 def test_kill_9_of_the_real_cli_command_during_extraction(scene_for, tmp_path):
-    """The same, through ``python -m pipelines.cli run`` (a real import, the real entry point)."""
+    """The same, through ``python -m opensearch_tasks.cli run`` (a real import, the real entry point)."""
     scene = scene_for("duckdb")
     scene.emu.set_faults(FaultPlan(latency_ms=250))
     process, log = _real_cli(scene, tmp_path)
@@ -301,7 +301,12 @@ def _real_cli(scene: Scene, tmp_path: Path, *extra: str) -> tuple[subprocess.Pop
     log = tmp_path / "cli.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "pipelines.cli", *scene.argv("--no-models", *extra, page_size=1)],
+            [
+                sys.executable,
+                "-m",
+                "opensearch_tasks.cli",
+                *scene.argv("--no-models", *extra, page_size=1),
+            ],
             env={**os.environ, **cli_env()},
             cwd=tmp_path,
             stdout=out,

@@ -31,8 +31,7 @@ from alibabacloud_tea_openapi.utils_models import Config, OpenApiRequest, Params
 from conftest import SMALL_WORLD, TEST_AK, TEST_SECRET
 from darabonba.exceptions import UnretryableException
 from darabonba.runtime import RuntimeOptions
-
-from pipelines.emulator import ABSENT, Emulator, FaultPlan, sign_acs3
+from opensearch_tasks.emulator import ABSENT, Emulator, FaultPlan, sign_acs3
 
 START_MS = 1_790_000_000_000  # a fixed clock, so expectations do not depend on the hour
 DAY_MS = 86_400_000
@@ -708,7 +707,7 @@ def test_cli_prints_url_first_and_stops_on_sigterm() -> None:
         [
             sys.executable,
             "-m",
-            "pipelines.emulator",
+            "opensearch_tasks.emulator",
             "--port",
             "0",
             "--access-key-id",

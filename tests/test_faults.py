@@ -17,17 +17,17 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import darabonba.core
+import opensearch_tasks.source as source_module
 import pytest
-
-import pipelines.opensearch_tasks as source_module
-from pipelines.emulator import FaultPlan
-from pipelines.opensearch_tasks.client import (
+from opensearch_tasks.client import (
     Credentials,
     OpenSearchClient,
     OpenSearchError,
     RetryPolicy,
     tasks_path,
 )
+from opensearch_tasks.emulator import FaultPlan
+
 from tests.cli_helpers import credentials_env, cursor_of, instance_cursors, run_args, run_cli
 from tests.pipeline_helpers import (
     AK,

@@ -15,8 +15,7 @@ from pathlib import Path
 import duckdb
 import fsspec
 import pytest
-
-from pipelines.models import (
+from opensearch_tasks.models import (
     RAW_COLUMN_TYPES,
     ModelError,
     build_models,
@@ -24,8 +23,9 @@ from pipelines.models import (
     connect_models,
     parquet_glob,
 )
-from pipelines.opensearch_tasks.settings import CORE_COLUMNS
-from pipelines.report import ModelsNotBuiltError, format_duration, render_report
+from opensearch_tasks.report import ModelsNotBuiltError, format_duration, render_report
+from opensearch_tasks.settings import CORE_COLUMNS
+
 from tests.model_fixtures import write_duckdb_source, write_parquet_source
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"

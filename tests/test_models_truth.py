@@ -13,8 +13,8 @@ from datetime import UTC, datetime
 
 import duckdb
 import pytest
+from opensearch_tasks.models import build_models_in_file
 
-from pipelines.models import build_models_in_file
 from tests.pipeline_helpers import AK, SECRET, config_for, run_ok
 
 WORLD = {

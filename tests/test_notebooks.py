@@ -19,10 +19,9 @@ from pathlib import Path
 import nbformat
 import pytest
 from nbclient import NotebookClient
-
-from pipelines.demo import DEMO_KEY_ID, DEMO_KEY_SECRET
-from pipelines.emulator import Emulator, WorldSpec
-from pipelines.runner import RunConfig, run
+from opensearch_tasks.demo import DEMO_KEY_ID, DEMO_KEY_SECRET
+from opensearch_tasks.emulator import Emulator, WorldSpec
+from opensearch_tasks.runner import RunConfig, run
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))

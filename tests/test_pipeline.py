@@ -10,12 +10,12 @@ from typing import Any
 
 import dlt
 import duckdb
+import opensearch_tasks.source as source_module
 import pytest
+from opensearch_tasks.cursor import InstanceCursor
+from opensearch_tasks.emulator import FaultPlan
+from opensearch_tasks.runner import run
 
-import pipelines.opensearch_tasks as source_module
-from pipelines.emulator import FaultPlan
-from pipelines.opensearch_tasks.cursor import InstanceCursor
-from pipelines.runner import run
 from tests.cli_helpers import assert_truth_as_of, cli_env
 from tests.pipeline_helpers import (
     AK,
@@ -29,7 +29,7 @@ from tests.pipeline_helpers import (
     run_ok,
 )
 
-# the installed ``opensearch-tasks`` (pipelines.startup:entry_point, then pipelines.cli's: imports
+# the installed ``opensearch-tasks`` (opensearch_tasks.startup:entry_point, then opensearch_tasks.cli's: imports
 # without the cyclic collector, no pandas, no final collection)
 CONSOLE_SCRIPT = str(Path(sys.executable).with_name("opensearch-tasks"))
 SMALL = {
@@ -413,7 +413,7 @@ def test_pandas_hidden_from_the_first_conversion_stays_importable_and_works():
     """What declaring pandas unused does to a process, and that the default leaves it alone."""
     code = """
 import sys
-from pipelines.opensearch_tasks import arrow_ready
+from opensearch_tasks import arrow_ready
 if sys.argv[1] == "declared":
     arrow_ready.declare_pandas_unused()
 arrow_ready.ensure_arrow_ready()
@@ -434,7 +434,7 @@ print(table.schema.field("c").type, table.column("f").null_count)
 
 
 def test_cli_usage_errors_exit_2_without_traceback(tmp_path, capsys, monkeypatch):
-    from pipelines.cli import main
+    from opensearch_tasks.cli import main
 
     monkeypatch.chdir(tmp_path)
     cases = [
@@ -484,7 +484,7 @@ def test_a_server_that_caps_the_page_size_loses_nothing(make_emulator, tmp_path)
 
 def test_repair_after_a_resumed_load_keeps_one_row_per_task(emu, tmp_path):
     """The merge skips dlt's staging dedup; a resumed package is followed by this repair."""
-    from pipelines.runner import remove_duplicate_rows
+    from opensearch_tasks.runner import remove_duplicate_rows
 
     config = config_for(emu, tmp_path)
     run_ok(config)

@@ -19,11 +19,9 @@ import orjson
 import pyarrow as pa
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-
-from pipelines.emulator import Emulator, FaultPlan, WorldSpec
-from pipelines.opensearch_tasks import reading_order
-from pipelines.opensearch_tasks.concurrency import split_threads
-from pipelines.opensearch_tasks.records import (
+from opensearch_tasks.concurrency import split_threads
+from opensearch_tasks.emulator import Emulator, FaultPlan, WorldSpec
+from opensearch_tasks.records import (
     CORE_NAMES,
     LOAD_ID_COLUMN,
     ColumnKinds,
@@ -32,6 +30,8 @@ from pipelines.opensearch_tasks.records import (
     parse_extend_info,
     records_to_table,
 )
+from opensearch_tasks.source import reading_order
+
 from tests.cli_helpers import assert_truth_as_of
 from tests.pipeline_helpers import (
     AK,

@@ -24,11 +24,11 @@ from typing import Any
 import boto3
 import pytest
 from botocore.config import Config
+from opensearch_tasks.cli import main
+from opensearch_tasks.models import connect_models
+from opensearch_tasks.runner import UsageError
+from opensearch_tasks.storage import filesystem_config, filesystem_for, filesystem_for_models
 
-from pipelines.cli import main
-from pipelines.models import connect_models
-from pipelines.runner import UsageError
-from pipelines.storage import filesystem_config, filesystem_for, filesystem_for_models
 from tests.pipeline_helpers import AK, KEY, SECRET, assert_equals_truth, config_for, run_ok
 
 S3_KEY_ID = "s3-test-key-id"
@@ -265,6 +265,10 @@ def test_cli_models_and_report_over_s3_without_extensions(make_emulator, bucket,
     run_ok(config_for(emu, tmp_path, destination="parquet", parquet_dir=bucket.url))
     out = tmp_path / "out" / "models.duckdb"
     argv = ["models", "--destination", "parquet", "--parquet-dir", bucket.url, "--duckdb-path", str(out)]
+    assert main(argv) == 2  # a reading command creates no folder: a typo must not build one
+    assert "does not exist" in capsys.readouterr().err
+    assert not out.parent.exists()
+    out.parent.mkdir()
     assert main(argv) == 0
     assert "built" in capsys.readouterr().out
 
@@ -294,7 +298,7 @@ def _run_cli(app: str, emu: Any, bucket: Bucket, pipelines_dir: Path) -> subproc
     argv = [
         sys.executable,
         "-m",
-        "pipelines.cli",
+        "opensearch_tasks.cli",
         "run",
         "--target",
         app,

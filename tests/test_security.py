@@ -24,19 +24,19 @@ from pathlib import Path
 from urllib.parse import quote
 
 import duckdb
+import opensearch_tasks.source as source_module
 import pytest
 from alibabacloud_tea_openapi.client import Client as OpenApiClient
-
-import pipelines.opensearch_tasks as source_module
-from pipelines.emulator import FaultPlan
-from pipelines.opensearch_tasks.client import (
+from opensearch_tasks.client import (
     Credentials,
     OpenSearchClient,
     OpenSearchError,
     RetryPolicy,
     tasks_path,
 )
-from pipelines.runner import RunConfig, run
+from opensearch_tasks.emulator import FaultPlan
+from opensearch_tasks.runner import RunConfig, run
+
 from tests.cli_helpers import run_cli
 from tests.pipeline_helpers import assert_equals_truth, duckdb_rows
 

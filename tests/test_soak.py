@@ -17,9 +17,9 @@ import time
 
 import dlt
 import pytest
+from opensearch_tasks.cursor import InstanceCursor
+from opensearch_tasks.emulator import FaultPlan
 
-from pipelines.emulator import FaultPlan
-from pipelines.opensearch_tasks.cursor import InstanceCursor
 from tests.cli_helpers import assert_truth_as_of
 from tests.pipeline_helpers import AK, SECRET, assert_equals_truth, config_for, duckdb_rows, run_ok
 

@@ -16,8 +16,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipelines.opensearch_tasks import concurrency
-from pipelines.opensearch_tasks.concurrency import LOADER_GC_THRESHOLDS
+from opensearch_tasks import concurrency
+from opensearch_tasks.concurrency import LOADER_GC_THRESHOLDS
+
 from tests.pipeline_helpers import AK, SECRET, assert_equals_truth, config_for, duckdb_rows, run_ok
 
 CONSOLE_SCRIPT = Path(sys.executable).with_name("opensearch-tasks")
@@ -35,11 +36,11 @@ def test_imports_run_without_the_collector_and_their_objects_are_frozen_after():
     out = _python(
         """
 import gc
-from pipelines.startup import imports_without_gc
+from opensearch_tasks.startup import imports_without_gc
 frozen_before = gc.get_freeze_count()
 with imports_without_gc():
     enabled_inside = gc.isenabled()
-    import pipelines.runner  # the command's heavy imports: dlt, the SDK, pyarrow, DuckDB
+    import opensearch_tasks.runner  # the command's heavy imports: dlt, the SDK, pyarrow, DuckDB
 print(enabled_inside, gc.isenabled(), gc.get_freeze_count() - frozen_before)
 """
     )
@@ -53,7 +54,7 @@ def test_a_collector_turned_off_before_stays_off_and_an_error_still_freezes():
     out = _python(
         """
 import gc
-from pipelines.startup import imports_without_gc
+from opensearch_tasks.startup import imports_without_gc
 gc.disable()
 try:
     with imports_without_gc():
@@ -69,7 +70,7 @@ print(gc.isenabled(), gc.get_freeze_count() >= 1000)
 
 def test_the_console_script_starts_through_the_start_up_module():
     script = CONSOLE_SCRIPT.read_text(encoding="utf-8")
-    assert "from pipelines.startup import entry_point" in script, script
+    assert "from opensearch_tasks.startup import entry_point" in script, script
     done = subprocess.run(
         [str(CONSOLE_SCRIPT), "--help"], capture_output=True, text=True, timeout=120, check=False
     )
@@ -81,7 +82,7 @@ def test_the_command_collects_less_often_while_it_runs_its_job():
     out = _python(
         """
 import gc
-from pipelines.cli import run_as_process
+from opensearch_tasks.cli import run_as_process
 run_as_process(lambda: print(*gc.get_threshold()) or 0)
 """
     )
@@ -98,7 +99,7 @@ def test_reading_processes_collect_less_often_and_the_caller_keeps_its_own(
     read_instance = concurrency.read_instance
 
     def reporting(*args: Any, **kwargs: Any) -> Any:  # forked readers inherit this patch
-        logging.getLogger("pipelines.gc_probe").warning(
+        logging.getLogger("opensearch_tasks.gc_probe").warning(
             "pid %d thresholds %s", os.getpid(), ",".join(map(str, gc.get_threshold()))
         )
         return read_instance(*args, **kwargs)
@@ -106,10 +107,12 @@ def test_reading_processes_collect_less_often_and_the_caller_keeps_its_own(
     monkeypatch.setattr(concurrency, "read_instance", reporting)
     caller = gc.get_threshold()
     config = config_for(emu, tmp_path, processes=2, workers=4)
-    with caplog.at_level(logging.WARNING, logger="pipelines.gc_probe"):
+    with caplog.at_level(logging.WARNING, logger="opensearch_tasks.gc_probe"):
         run_ok(config)
     # "pid N thresholds A,B,C" (a reader's records arrive formatted, through the parent)
-    probes = [r.getMessage().split()[1::2] for r in caplog.records if r.name == "pipelines.gc_probe"]
+    probes = [
+        r.getMessage().split()[1::2] for r in caplog.records if r.name == "opensearch_tasks.gc_probe"
+    ]
     readers = {thresholds for pid, thresholds in probes if int(pid) != os.getpid()}
     own = {thresholds for pid, thresholds in probes if int(pid) == os.getpid()}
     assert readers == {",".join(map(str, LOADER_GC_THRESHOLDS))}

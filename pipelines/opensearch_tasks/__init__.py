@@ -1,274 +1,31 @@
-"""dlt source for Alibaba Cloud OpenSearch function training tasks (ListFunctionTasks).
+"""Alibaba Cloud OpenSearch training-task history as a dlt source, with a command and SQL models.
 
-Only the ``@dlt.source`` / ``@dlt.resource`` functions live here; the signing client, the record
-flattening, the cursor and the paging are in ``client.py``, ``records.py``, ``cursor.py`` and
-``helpers.py``.
+Used as a dlt source, as dlt's verified sources are::
+
+    import dlt
+    from opensearch_tasks import opensearch_tasks
+
+    pipeline = dlt.pipeline("opensearch_tasks", destination="duckdb", dataset_name="opensearch_tasks")
+    pipeline.run(opensearch_tasks(targets=["my_app_group"]))
+
+The source itself lives in ``source.py``. Its names are loaded on first use rather than here, because
+every module of the package (the command among them) passes through this file, and the command's
+``--help``, ``models`` and ``report`` must start without importing dlt.
 """
 
 from __future__ import annotations
 
-import contextlib
-import itertools
-import logging
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import dlt
-import pyarrow as pa
-from dlt.common.typing import TSecretStrValue
-from dlt.sources import DltResource
-
-from pipelines.opensearch_tasks.arrow_ready import ensure_arrow_ready
-from pipelines.opensearch_tasks.client import (
-    Credentials,
-    OpenSearchClient,
-    OpenSearchError,
-    RetryPolicy,
-)
-from pipelines.opensearch_tasks.concurrency import (
-    Reading,
-    default_processes,
-    read_in_processes,
-    read_in_threads,
-)
-from pipelines.opensearch_tasks.helpers import InstanceReport, ReadOptions, discover_instances
-from pipelines.opensearch_tasks.records import ColumnKinds, Target
-from pipelines.opensearch_tasks.settings import (
-    DEFAULT_PAGE_SIZE,
-    DEFAULT_REGION,
-    DEFAULT_STALE_AFTER_HOURS,
-    MAX_PAGE_SIZE,
-    PRIMARY_KEY,
-    TABLE_NAME,
-)
-from pipelines.opensearch_tasks.targets import TargetSpec, parse_targets
-
-logger = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from opensearch_tasks.source import RunReport, function_tasks, opensearch_tasks
 
 __all__ = ["RunReport", "function_tasks", "opensearch_tasks"]
 
 
-@dataclass
-class RunReport:
-    """Filled while the resource runs; the CLI prints it and decides the exit code from it."""
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from opensearch_tasks import source
 
-    instances: list[InstanceReport] = field(default_factory=list)
-    failures: list[str] = field(default_factory=list)
-    requests: int = 0
-    retries: int = 0
-    planned: int = 0
-    # Called after each instance with (finished, planned): the CLI draws a progress line with it.
-    on_progress: Callable[[InstanceReport, int, int], None] | None = field(default=None, repr=False)
-
-    @property
-    def ok(self) -> bool:
-        return not self.failures
-
-
-@dlt.source(name="opensearch_tasks", max_table_nesting=0)
-def opensearch_tasks(
-    targets: Sequence[str] = dlt.config.value,
-    endpoint: str | None = None,
-    region: str = DEFAULT_REGION,
-    access_key_id: TSecretStrValue | None = dlt.secrets.value,
-    access_key_secret: TSecretStrValue | None = dlt.secrets.value,
-    security_token: TSecretStrValue | None = dlt.secrets.value,
-    page_size: int = DEFAULT_PAGE_SIZE,
-    max_page_size: int = MAX_PAGE_SIZE,
-    workers: int = 8,
-    processes: int | None = None,
-    stale_after_hours: float = DEFAULT_STALE_AFTER_HOURS,
-    lookback_hours: float = 0,
-    since_ms: int | None = None,
-    until_ms: int | None = None,
-    write_disposition: str = "merge",
-    max_attempts: int = 6,
-    read_timeout_ms: int = 30_000,
-    report: RunReport | None = None,
-) -> DltResource:
-    """OpenSearch training tasks of the given targets, incrementally.
-
-    Args:
-        targets: ``APP_GROUP[/FUNCTION[/INSTANCE]]`` strings; missing parts are discovered.
-        endpoint: explicit endpoint URL (``http://127.0.0.1:PORT`` for the emulator); else ``region``.
-        region: Alibaba Cloud region of the OpenSearch endpoint (``opensearch.<region>.aliyuncs.com``).
-        access_key_id / access_key_secret / security_token: explicit credentials; when absent,
-            Alibaba Cloud's default chain is used (``ALIBABA_CLOUD_ACCESS_KEY_ID`` ..., profile, RAM role).
-        page_size: ``pageSize`` sent to ListFunctionTasks (the API's own default is 1).
-        max_page_size: a deep history (more tasks than one page) is read with pages this large;
-            incremental runs never need it. Set it equal to ``page_size`` to page by one size.
-        workers: instances read concurrently (requests in flight at most).
-        processes: reading processes forked beside this one; they do the CPU-bound reading work
-            (HTTP, JSON, flattening, Arrow) and share the ``workers``, while dlt's work stays in this
-            process. ``0``: read with threads here. ``None``: one per core but one, at most 3,
-            where forking is safe (Linux), else 0.
-        stale_after_hours: an open task older than this stops holding the cursor back.
-        lookback_hours: re-read this much history before the cursor on every run.
-        since_ms / until_ms: a backfill window (epoch ms); it does not move the stored cursor.
-        write_disposition: ``merge`` (DuckDB) or ``append`` (Parquet; staging keeps the newest).
-        max_attempts: attempts per request before an instance fails.
-        read_timeout_ms: how long to wait for a response before retrying the request.
-        report: filled with per-instance counts and failures (used by the CLI).
-
-    Returns:
-        The ``function_tasks`` resource.
-    """
-    specs = parse_targets(targets)  # a bad target fails before any network or credentials
-    client = OpenSearchClient(
-        Credentials(access_key_id, access_key_secret, security_token),
-        endpoint=endpoint,
-        region=region,
-        retry=RetryPolicy(max_attempts=max_attempts),
-        read_timeout_ms=read_timeout_ms,
-    )
-    options = ReadOptions(
-        page_size=page_size,
-        max_page_size=max_page_size,
-        stale_after_ms=int(stale_after_hours * 3_600_000),
-        lookback_ms=int(lookback_hours * 3_600_000),
-        since_ms=since_ms,
-        until_ms=until_ms,
-    )
-    resource = function_tasks(
-        client, specs, options, workers=workers, processes=processes, report=report or RunReport()
-    )
-    resource.apply_hints(
-        write_disposition=write_disposition,  # type: ignore[arg-type]
-        additional_table_hints={"x-stage-data-deduplicated": True},
-    )
-    return resource
-
-
-# dlt's extract costs the loader milliseconds of CPU per Arrow table whatever its size (hints validated,
-# column names normalised, the table schema updated), so tables are handed to it holding at least this
-# many rows: small instances' tables are combined (50,000 tasks in 200 instances: one table each made
-# that ~1 s slower), while a deep instance's own batches, already this large, pass straight on.
-ROWS_PER_YIELD = 5_000
-
-
-@dlt.resource(name=TABLE_NAME, primary_key=PRIMARY_KEY, write_disposition="merge")
-def function_tasks(
-    client: OpenSearchClient,
-    specs: Sequence[TargetSpec],
-    options: ReadOptions,
-    workers: int = 8,
-    processes: int | None = None,
-    report: RunReport | None = None,
-) -> Iterator[pa.Table]:
-    """Yields Arrow tables of task rows; keeps one cursor per instance in resource state.
-
-    Instances are read concurrently (``concurrency.py``); one failing instance is reported and
-    keeps its old cursor, while the others' rows and cursors are kept.
-    """
-    report = report if report is not None else RunReport()
-    state = dlt.current.resource_state()
-    cursors: dict[str, Any] = state.setdefault("instances", {})
-    kinds = ColumnKinds.from_dlt_columns(_known_columns())
-    targets = reading_order(_resolve_targets(client, specs, report))
-    report.planned = len(targets)
-    reading = Reading(client, options, kinds, dict(cursors))
-    load_id = _current_load_id()
-    # Every reader has at least one thread: more processes than workers - 1 would exceed ``workers``.
-    processes = min(default_processes() if processes is None else processes, workers - 1, len(targets))
-    if processes > 0:
-        events = read_in_processes(reading, targets, workers, processes)
-    else:
-        events = read_in_threads(reading, targets, workers)
-    child_requests = child_retries = 0
-    pending: list[pa.Table] = []  # rows not yet handed to dlt (see ROWS_PER_YIELD)
-    pending_rows = 0
-    with contextlib.closing(events):
-        for kind, payload in events:
-            if kind == "rows":
-                pending.append(payload)
-                pending_rows += payload.num_rows
-                if pending_rows >= ROWS_PER_YIELD:
-                    ensure_arrow_ready()  # no thread still importing pandas when dlt looks for it
-                    yield kinds.widen_all(pending, load_id)
-                    pending, pending_rows = [], 0
-                continue
-            if payload.read_in_child:  # counted in a child process: this client never saw them
-                child_requests += payload.requests
-                child_retries += payload.retries
-            _finish_instance(payload, cursors, report)
-            if report.on_progress is not None:
-                report.on_progress(payload, len(report.instances), report.planned)
-    if pending:  # every reader is done: the last rows, whatever their number
-        ensure_arrow_ready()
-        yield kinds.widen_all(pending, load_id)
-    report.requests = client.stats.requests + child_requests
-    report.retries = client.stats.retries + child_retries
-
-
-def _finish_instance(result: InstanceReport, cursors: dict[str, Any], report: RunReport) -> None:
-    report.instances.append(result)
-    if result.error:
-        report.failures.append(f"{result.target}: {result.error}")
-        logger.error("%s failed; its cursor is unchanged: %s", result.target, result.error)
-        return
-    if result.cursor is not None:
-        cursors[result.target.key] = result.cursor.to_state()
-    logger.debug(
-        "%s: %d new, %d updated, %d running, %d requests, %.2fs",
-        result.target,
-        result.new,
-        result.updated,
-        result.running,
-        result.requests,
-        result.seconds,
-    )
-
-
-def reading_order(targets: Sequence[Target]) -> list[Target]:
-    """The instances in the order they are dealt: one of each function, then the next of each, ...
-
-    Why: a function's metrics become columns when its first instance is read, and dlt's normalize
-    rewrites every extracted file written before the table got its last new column (only files with
-    the table's exact columns are imported as they are). Read function by function, a 1M-task
-    first load had 125k-850k rows rewritten (normalize 0.53-0.85 s); with every function read from
-    the start, 20k (0.15-0.20 s): the columns settle within the first batches.
-    """
-    by_function: dict[str, list[Target]] = {}
-    for target in targets:
-        by_function.setdefault(target.function_name, []).append(target)
-    rounds = itertools.zip_longest(*by_function.values())
-    return [target for round_ in rounds for target in round_ if target is not None]
-
-
-def _resolve_targets(
-    client: OpenSearchClient, specs: Sequence[TargetSpec], report: RunReport
-) -> list[Target]:
-    """Explicit instances as given; the rest discovered with ListFunctionInstances."""
-    resolved: dict[Target, None] = {}
-    for spec in specs:
-        if spec.instance_name is not None and spec.function_name is not None:
-            resolved[Target(spec.app_group, spec.function_name, spec.instance_name)] = None
-            continue
-        try:
-            for target in discover_instances(client, spec.app_group, spec.function_name):
-                resolved[target] = None
-        except OpenSearchError as error:
-            if error.is_credentials_error:
-                raise
-            report.failures.append(f"{spec}: discovery failed: {error}")
-            logger.error("%s: discovery failed: %s", spec, error)
-    return list(resolved)
-
-
-def _current_load_id() -> str | None:
-    """The load id of the package being extracted (None outside a pipeline run)."""
-    try:
-        return str(dlt.current.load_package_state()["load_id"])
-    except Exception:
-        return None
-
-
-def _known_columns() -> dict[str, Any]:
-    """Columns the destination schema already has, so flattened types stay stable across runs."""
-    try:
-        schema = dlt.current.source_schema()
-    except Exception:  # outside a pipeline (tests calling the resource directly)
-        return {}
-    table = schema.tables.get(TABLE_NAME)
-    return dict(table.get("columns", {})) if table else {}
+        return getattr(source, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -33,7 +33,8 @@ from alibabacloud_tea_openapi.utils_models import Config, OpenApiRequest, Params
 from darabonba.exceptions import UnretryableException
 from darabonba.runtime import RuntimeOptions
 
-from pipelines.opensearch_tasks.settings import API_VERSION, DEFAULT_REGION
+from opensearch_tasks.errors import AUTH_CODE_HINTS, CredentialsError, OpenSearchError
+from opensearch_tasks.settings import API_VERSION, DEFAULT_REGION
 
 logger = logging.getLogger(__name__)
 
@@ -51,106 +52,8 @@ RETRYABLE_CODES = frozenset(
         "RequestTimeout",
     }
 )
-# Codes that say the credentials themselves are wrong: every other request would fail the same way,
-# so the run stops at the first one (and the CLI exits 2: a configuration error).
-CREDENTIAL_CODES = frozenset(
-    {
-        "InvalidAccessKeyId.NotFound",
-        "InvalidAccessKeyId.Inactive",
-        "SignatureDoesNotMatch",
-        "IncompleteSignature",
-        "MissingAuthorization",
-        "InvalidSecurityToken.Expired",
-        "InvalidSecurityToken.Mismatch",
-        "InvalidSecurityToken.MismatchWithAccessKey",
-        "InvalidSecurityToken.Malformed",
-        "InvalidTimeStamp.Expired",
-    }
-)
 # What a successful body may carry in ``code`` (most carry none).
 OK_CODES = frozenset({"OK", "Ok", "Success", "200"})
-AUTH_CODE_HINTS = {
-    "InvalidAccessKeyId.NotFound": "check the access key id",
-    "SignatureDoesNotMatch": "check the access key secret",
-    "IncompleteSignature": "check the access key secret",
-    "MissingAuthorization": "set credentials (see README, 'Credentials')",
-    "InvalidSecurityToken.Expired": "refresh the STS token",
-    "InvalidSecurityToken.Mismatch": "the STS token does not belong to this access key",
-    "InvalidAccessKeyId.Inactive": "the access key is disabled; enable it or use another",
-    "InvalidTimeStamp.Expired": "the system clock is off; sync it (NTP)",
-    "Forbidden.RAM": "grant the RAM user opensearch:ListFunctionTasks",
-    "App.NotFound": "check the app group name (opensearch-tasks run --target APP/...)",
-    "Instance.NotExist": "check the function and instance names",
-}
-
-
-class OpenSearchError(Exception):
-    """An API call that failed for good. The message is safe to print (no secrets)."""
-
-    def __init__(
-        self,
-        what: str,
-        *,
-        code: str | None = None,
-        status: int | None = None,
-        request_id: str | None = None,
-        message: str | None = None,
-        attempts: int = 1,
-        retryable: bool = False,
-        retry_after_seconds: float | None = None,
-    ) -> None:
-        self.what = what
-        self.code = code
-        self.status = status
-        self.request_id = request_id
-        self.api_message = message
-        self.attempts = attempts
-        self.retryable = retryable
-        self.retry_after_seconds = retry_after_seconds
-        super().__init__(self._render())
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        """Picklable with every field (a reading process sends its errors to the loader)."""
-        fields = {
-            "code": self.code,
-            "status": self.status,
-            "request_id": self.request_id,
-            "message": self.api_message,
-            "attempts": self.attempts,
-            "retryable": self.retryable,
-            "retry_after_seconds": self.retry_after_seconds,
-        }
-        return _rebuild_error, (type(self), self.what, fields)
-
-    @property
-    def is_credentials_error(self) -> bool:
-        """The credentials are wrong (not this request): no other request can succeed."""
-        return self.code in CREDENTIAL_CODES
-
-    def _render(self) -> str:
-        parts = [self.what]
-        if self.code:
-            parts.append(f"code {self.code}")
-        if self.status:
-            parts.append(f"HTTP {self.status}")
-        if self.api_message:
-            parts.append(self.api_message)
-        if self.request_id:
-            parts.append(f"request id {self.request_id}")
-        if self.attempts > 1:
-            parts.append(f"after {self.attempts} attempts")
-        hint = AUTH_CODE_HINTS.get(self.code or "")
-        if hint:
-            parts.append(f"hint: {hint}")
-        return ": ".join(parts[:1]) + (" (" + "; ".join(parts[1:]) + ")" if parts[1:] else "")
-
-
-def _rebuild_error(kind: type[OpenSearchError], what: str, fields: dict[str, Any]) -> OpenSearchError:
-    return kind(what, **fields)
-
-
-class CredentialsError(OpenSearchError):
-    """No usable credentials: a configuration error (exit code 2)."""
 
 
 @dataclass(frozen=True)
@@ -185,15 +88,36 @@ class Credentials:
             token = os.environ.get("ALIBABA_CLOUD_SECURITY_TOKEN") or None
             return Credentials(env_id, env_secret, token).provider()
         chain = CredentialClient()
-        try:
-            chain.get_credential()
-        except Exception:
+        if not _within(CHAIN_TIMEOUT_SECONDS, chain.get_credential):
             raise CredentialsError(
                 "no Alibaba Cloud credentials found: set ALIBABA_CLOUD_ACCESS_KEY_ID and "
                 "ALIBABA_CLOUD_ACCESS_KEY_SECRET, or sources.opensearch_tasks.access_key_id / "
                 "access_key_secret in .dlt/secrets.toml (see .dlt/secrets.toml.example)"
-            ) from None
+            )
         return chain
+
+
+# The default chain ends by asking the ECS metadata service (1 s timeouts per request, several
+# requests); off ECS a host that drops those packets would keep a misconfigured run waiting.
+CHAIN_TIMEOUT_SECONDS = 4.0
+
+
+def _within(seconds: float, probe: Callable[[], Any]) -> bool:
+    """Whether ``probe()`` returned without raising within ``seconds`` (it runs in a daemon thread
+    so that a provider stuck on the network cannot hold the process)."""
+    outcome: list[bool] = []
+
+    def attempt() -> None:
+        try:
+            probe()
+            outcome.append(True)
+        except Exception:
+            outcome.append(False)
+
+    worker = threading.Thread(target=attempt, name="credentials-chain", daemon=True)
+    worker.start()
+    worker.join(seconds)
+    return bool(outcome and outcome[0])
 
 
 @dataclass(frozen=True)

@@ -38,16 +38,17 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipelines.opensearch_tasks.arrow_ready import ensure_arrow_ready
-from pipelines.opensearch_tasks.client import OpenSearchClient, OpenSearchError
-from pipelines.opensearch_tasks.cursor import InstanceCursor
-from pipelines.opensearch_tasks.helpers import (
+from opensearch_tasks.arrow_ready import ensure_arrow_ready
+from opensearch_tasks.client import OpenSearchClient, OpenSearchError
+from opensearch_tasks.cursor import InstanceCursor
+from opensearch_tasks.helpers import (
     InstanceReport,
     ListingError,
     ReadOptions,
     read_instance,
 )
-from pipelines.opensearch_tasks.records import ColumnKinds, RecordError, Target
+from opensearch_tasks.records import ColumnKinds, RecordError, Target
+from opensearch_tasks.startup import LOADER_GC_THRESHOLDS
 
 logger = logging.getLogger(__name__)
 
@@ -335,15 +336,6 @@ class _Child:
         if self.pump is not None:
             self.pump.join(timeout=10)
         self.conn.close()
-
-
-# Collector thresholds for a process that reads and loads (gen0 was 700): reading holds a page of
-# parsed tasks per thread, thousands of young dicts that reference counting frees, and with the
-# default thresholds the collector walked those pages again and again (in a 1M-task run ~0.7 CPU s
-# in a reading process, ~0.45 s in the loader; with these, ~0.02 s). Cyclic garbage is still
-# collected, only less often. Set in reading processes (ours) and by the command for its own
-# process (``cli.run_as_process``), never in a process that merely calls the source.
-LOADER_GC_THRESHOLDS = (10_000, 10, 10)
 
 
 def _child_main(

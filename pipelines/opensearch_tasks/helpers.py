@@ -14,10 +14,10 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipelines.opensearch_tasks.client import OpenSearchClient, OpenSearchError, instances_path
-from pipelines.opensearch_tasks.client import tasks_path as _tasks_path
-from pipelines.opensearch_tasks.cursor import CursorUpdate, InstanceCursor, to_filter_value
-from pipelines.opensearch_tasks.records import (
+from opensearch_tasks.client import OpenSearchClient, OpenSearchError, instances_path
+from opensearch_tasks.client import tasks_path as _tasks_path
+from opensearch_tasks.cursor import CursorUpdate, InstanceCursor, to_filter_value
+from opensearch_tasks.records import (
     ColumnKinds,
     Target,
     TaskBatch,
@@ -27,7 +27,7 @@ from pipelines.opensearch_tasks.records import (
     to_epoch_ms,
     total_count,
 )
-from pipelines.opensearch_tasks.settings import KNOWN_FUNCTIONS
+from opensearch_tasks.settings import KNOWN_FUNCTIONS
 
 logger = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from dlt.common.normalizers.naming.snake_case import NamingConvention
 
-from pipelines.opensearch_tasks.arrow_ready import ensure_arrow_ready
-from pipelines.opensearch_tasks.settings import EXTEND_INFO_PREFIX, SECONDS_THRESHOLD
+from opensearch_tasks.arrow_ready import ensure_arrow_ready
+from opensearch_tasks.settings import EXTEND_INFO_PREFIX, SECONDS_THRESHOLD
 
 _NAMING = NamingConvention()
 

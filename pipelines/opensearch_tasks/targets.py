@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import unquote
 
-from pipelines.opensearch_tasks.settings import KNOWN_FUNCTIONS
+from opensearch_tasks.settings import KNOWN_FUNCTIONS
 
 
 class TargetError(ValueError):

@@ -4,7 +4,7 @@ Usage::
 
     opensearch-tasks report --duckdb-path data/opensearch.duckdb
 
-    from pipelines.report import print_report
+    from opensearch_tasks.report import print_report
     print_report("data/opensearch.duckdb")
 
 Plain fixed-width text (no rich tables) so it reads the same in a terminal, a log and a CI job.
@@ -12,13 +12,19 @@ Plain fixed-width text (no rich tables) so it reads the same in a terminal, a lo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 
-from pipelines.models import MODEL_SCHEMA, connect_models
+from opensearch_tasks.errors import ModelsError, UsageError
+from opensearch_tasks.models import MODEL_SCHEMA, connect_models
+
+if TYPE_CHECKING:
+    from opensearch_tasks.runner import RunResult
 
 METRICS_PER_INSTANCE = 4
 REQUIRED_MODELS: tuple[str, ...] = (
@@ -74,7 +80,7 @@ HEADERS: tuple[str, ...] = (
 )
 
 
-class ModelsNotBuiltError(RuntimeError):
+class ModelsNotBuiltError(ModelsError):
     """The report reads the analytics views; they must be built first."""
 
 
@@ -211,3 +217,67 @@ def print_report(duckdb_path: str | Path, *, filesystem: Any | None = None) -> N
     """Open the models read-only and print the report (``filesystem`` for s3:// Parquet)."""
     with connect_models(duckdb_path, read_only=True, filesystem=filesystem) as con:
         print(render_report(con))
+
+
+def render_query(con: duckdb.DuckDBPyConnection, query: str, max_rows: int = 40) -> str:
+    """One query's result as DuckDB's own box table (``opensearch-tasks sql``)."""
+    try:
+        relation = con.sql(query)
+    except duckdb.Error as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"the query failed: {first}") from None
+    if relation is None:  # a statement without a result (e.g. SET)
+        return "ok"
+    return str(relation.limit(max_rows) if max_rows else relation)
+
+
+# --- the run's summary ------------------------------------------------------------------------------
+
+
+def progress_printer() -> Callable[..., None]:
+    """A live one-line progress display on a terminal; plain log lines otherwise."""
+    if sys.stderr.isatty():
+
+        def draw(instance: Any, finished: int, planned: int) -> None:
+            end = "\n" if finished == planned else ""
+            sys.stderr.write(f"\r\x1b[2K[{finished}/{planned}] {instance.target}"[:120] + end)
+            sys.stderr.flush()
+
+        return draw
+
+    def log(instance: Any, finished: int, planned: int) -> None:
+        state = (
+            f"FAILED: {instance.error}"
+            if instance.error
+            else (
+                f"{instance.new} new, {instance.updated} updated, {instance.running} running, "
+                f"{instance.requests} requests, {instance.retries} retries, {instance.seconds:.2f}s"
+            )
+        )
+        logging.getLogger("opensearch_tasks").info(
+            "[%d/%d] %s: %s", finished, planned, instance.target, state
+        )
+
+    return log
+
+
+def format_summary(result: RunResult) -> str:
+    """Per instance: tasks new / updated / still running, requests, retries, seconds."""
+    rows = sorted(result.report.instances, key=lambda r: str(r.target))
+    header = f"{'instance':<48} {'new':>7} {'updated':>7} {'running':>7} {'requests':>8} {'retries':>7} {'seconds':>7}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        status = f"  FAILED: {r.error}" if r.error else ""
+        lines.append(
+            f"{str(r.target)[:48]:<48} {r.new:>7} {r.updated:>7} {r.running:>7} "
+            f"{r.requests:>8} {r.retries:>7} {r.seconds:>7.2f}{status}"
+        )
+    total_new = sum(r.new for r in rows)
+    total_updated = sum(r.updated for r in rows)
+    lines.append("-" * len(header))
+    lines.append(
+        f"{len(rows)} instance(s), {total_new} new, {total_updated} updated, "
+        f"{result.report.requests} requests, {result.report.retries} retries, {result.seconds:.1f}s"
+        + (f", models: {len(result.models)} built" if result.models else "")
+    )
+    return "\n".join(lines)

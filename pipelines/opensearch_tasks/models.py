@@ -9,7 +9,7 @@ Usage::
     opensearch-tasks models --destination parquet --parquet-dir data/parquet \\
         --duckdb-path data/models.duckdb
 
-    from pipelines.models import build_models_in_file, connect_models
+    from opensearch_tasks.models import build_models_in_file, connect_models
     build_models_in_file("data/opensearch.duckdb")
     con = connect_models("data/opensearch.duckdb")
     con.sql("select * from analytics.overall_success_rates").show()
@@ -29,12 +29,15 @@ import logging
 import math
 import re
 from dataclasses import dataclass
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, Literal
 
 import duckdb
 
-from pipelines.opensearch_tasks.settings import (
+from opensearch_tasks.errors import ModelsError
+from opensearch_tasks.settings import (
     DATASET_NAME,
     DEFAULT_STALE_AFTER_HOURS,
     PRIMARY_KEY,
@@ -45,7 +48,8 @@ logger = logging.getLogger(__name__)
 
 Source = Literal["duckdb", "parquet"]
 
-SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+# The models ship inside the package (in a checkout, pipelines/opensearch_tasks/sql links to sql/).
+SQL_DIR: Traversable = resources.files("opensearch_tasks") / "sql"
 LAYERS: tuple[str, ...] = ("staging", "marts")
 RAW_SCHEMA = "raw"
 MODEL_SCHEMA = "analytics"
@@ -85,12 +89,12 @@ _MODEL_NAME = re.compile(r"[a-z_][a-z0-9_]*")
 _REFERENCE = re.compile(r'\b(analytics|raw)\s*\.\s*"?([A-Za-z_][A-Za-z0-9_]*)"?', re.IGNORECASE)
 
 
-class ModelError(RuntimeError):
+class ModelError(ModelsError):
     """A model file that cannot be built: names the file so the fix starts in the right place."""
 
-    def __init__(self, path: Path | str, message: str) -> None:
+    def __init__(self, path: Traversable | Path | str, message: str) -> None:
         super().__init__(f"{path}: {message}")
-        self.path = Path(path)
+        self.path = str(path)
 
 
 @dataclass(frozen=True)
@@ -99,7 +103,7 @@ class Model:
 
     name: str
     layer: str
-    path: Path
+    path: Traversable
     sql: str
     depends_on: frozenset[str]
 
@@ -238,9 +242,9 @@ def _references(sql: str) -> dict[str, set[str]]:
     return found
 
 
-def _load_model(path: Path, layer: str) -> Model:
+def _load_model(path: Traversable, layer: str) -> Model:
     """Read one model file and check that it reads only what its layer may read."""
-    name = path.stem.lower()
+    name = path.name.removesuffix(".sql").lower()
     if not _MODEL_NAME.fullmatch(name):
         raise ModelError(path, "a model file name must be a plain identifier (snake_case)")
     sql = path.read_text(encoding="utf-8").strip().rstrip(";").strip()
@@ -262,10 +266,12 @@ def _load_model(path: Path, layer: str) -> Model:
 
 def discover_models(sql_dir: str | Path | None = None) -> list[Model]:
     """Every ``<layer>/*.sql`` model under ``sql_dir``, in dependency order."""
-    root = Path(sql_dir) if sql_dir is not None else SQL_DIR
+    root: Traversable = Path(sql_dir) if sql_dir is not None else SQL_DIR
     models: dict[str, Model] = {}
     for layer in LAYERS:
-        for path in sorted((root / layer).glob("*.sql")):
+        folder = root / layer
+        files = folder.iterdir() if folder.is_dir() else iter(())
+        for path in sorted((f for f in files if f.name.endswith(".sql")), key=lambda f: f.name):
             model = _load_model(path, layer)
             if model.name in models:
                 raise ModelError(

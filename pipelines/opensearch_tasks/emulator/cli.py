@@ -3,7 +3,7 @@
 Usage::
 
     opensearch-tasks emulator --port 0 --access-key-id test-ak --access-key-secret test-secret
-    python -m pipelines.emulator --port 8765 --seed 7 --latency-ms 20
+    python -m opensearch_tasks.emulator --port 8765 --seed 7 --latency-ms 20
 
 The first line on stdout is ``emulator listening on http://127.0.0.1:PORT`` (flushed), so a parent
 process can read the address. Credentials fall back to the standard ``ALIBABA_CLOUD_*`` variables,
@@ -16,12 +16,10 @@ import argparse
 import os
 import signal
 import threading
+from typing import TYPE_CHECKING
 
-import orjson
-
-from .emulator import Emulator
-from .faults import FaultPlan
-from .spec import WorldSpec
+if TYPE_CHECKING:
+    from .emulator import Emulator
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -80,6 +78,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build(args: argparse.Namespace) -> Emulator:
     """An (unstarted) emulator from parsed arguments."""
+    import orjson
+
+    from .emulator import Emulator
+    from .faults import FaultPlan
+    from .spec import WorldSpec
+
     if not args.access_key_secret:
         raise SystemExit("--access-key-secret (or $ALIBABA_CLOUD_ACCESS_KEY_SECRET) is required")
     spec = WorldSpec(
@@ -132,8 +136,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m pipelines.emulator``."""
-    parser = argparse.ArgumentParser(prog="python -m pipelines.emulator", description=__doc__)
+def main(argv: list[str] | None = None, prog: str = "python -m opensearch_tasks.emulator") -> int:
+    """``python -m opensearch_tasks.emulator`` and ``opensearch-tasks emulator``."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_arguments(parser)
     return run(parser.parse_args(argv))

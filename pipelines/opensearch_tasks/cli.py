@@ -14,29 +14,21 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, NoReturn
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from pipelines.opensearch_tasks.arrow_ready import declare_pandas_unused
-from pipelines.opensearch_tasks.client import OpenSearchError
-from pipelines.opensearch_tasks.concurrency import LOADER_GC_THRESHOLDS
-from pipelines.opensearch_tasks.settings import (
-    DEFAULT_PAGE_SIZE,
-    DEFAULT_REGION,
-    DEFAULT_STALE_AFTER_HOURS,
-    MAX_PAGE_SIZE,
-    SECONDS_THRESHOLD,
-)
-from pipelines.opensearch_tasks.targets import TargetError
-from pipelines.runner import (
-    DEFAULT_DUCKDB_PATH,
-    DEFAULT_PARQUET_MODELS_PATH,
-    RunConfig,
-    RunError,
-    RunResult,
-    UsageError,
-)
+from opensearch_tasks import options, paths
+from opensearch_tasks.errors import ModelsError, OpenSearchError, RunError, UsageError
+from opensearch_tasks.settings import SECONDS_THRESHOLD
+from opensearch_tasks.targets import TargetError
 
-logger = logging.getLogger("pipelines")
+if TYPE_CHECKING:
+    pass
+
+logger = logging.getLogger("opensearch_tasks")
+
+# Set by run_as_process: this process is the command's alone, so process-wide tuning is allowed.
+_OWNS_PROCESS = False
 
 _RELATIVE = re.compile(r"^(\d+)\s*([dhm])$")
 
@@ -67,13 +59,6 @@ def parse_time(text: str, option: str) -> int:
     return int(parsed.timestamp() * 1000)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-
-
 class _Parser(argparse.ArgumentParser):
     """Usage errors in one line (not argparse's usage block), exit code 2; subcommands inherit it."""
 
@@ -81,26 +66,37 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
+def _add_options(parser: argparse.ArgumentParser, command: str) -> None:
+    """The declared options of ``command`` as flags. Their defaults stay None ("not given") so that
+    the environment and ``.dlt/`` files are consulted before the declared default."""
+    for option in options.for_command(command):
+        if option.name == "targets":
+            parser.add_argument(
+                "--target", action="append", dest="targets", metavar=option.metavar, help=option.help
+            )
+            continue
+        shown = "" if option.default is None else f" (default {option.default})"
+        parser.add_argument(
+            option.flag,
+            dest=option.name,
+            default=None,
+            metavar=option.metavar or option.name.split("_")[-1].upper(),
+            help=option.help + shown,
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="opensearch-tasks",
-        description="Alibaba Cloud OpenSearch training-task history into DuckDB or Parquet.",
+        description="Alibaba Cloud OpenSearch training-task history into DuckDB or Parquet. Settings "
+        "come from flags, then SOURCES__OPENSEARCH_TASKS__<NAME> variables, then "
+        "[sources.opensearch_tasks] in .dlt/secrets.toml and .dlt/config.toml.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="load task history incrementally (then build the models)")
-    run.add_argument(
-        "--target",
-        action="append",
-        dest="targets",
-        metavar="APP[/FUNCTION[/INSTANCE]]",
-        help="what to load (repeatable); default: sources.opensearch_tasks.targets in .dlt/config.toml",
-    )
-    where = run.add_mutually_exclusive_group()
-    where.add_argument("--endpoint", help="explicit endpoint URL, e.g. http://127.0.0.1:8080")
-    where.add_argument("--region", default=None, help=f"region (default {DEFAULT_REGION})")
-    _add_destination_args(run)
+    _add_options(run, "run")
     run.add_argument("--since", help="backfill window start (does not move the cursor)")
     run.add_argument("--until", help="backfill window end (exclusive)")
     run.add_argument(
@@ -109,66 +105,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="load everything again: DuckDB drops the table and cursors; Parquet forgets this "
         "pipeline's cursors and appends (files are kept: other pipelines may share the folder)",
     )
-    run.add_argument(
-        "--page-size",
-        type=_positive_int,
-        default=DEFAULT_PAGE_SIZE,
-        help="pageSize per request (default 100)",
-    )
-    run.add_argument(
-        "--max-page-size",
-        type=_positive_int,
-        default=MAX_PAGE_SIZE,
-        help=f"page size for deep histories, e.g. the first load (default {MAX_PAGE_SIZE})",
-    )
-    run.add_argument("--workers", type=_positive_int, default=8, help="instances read concurrently")
-    run.add_argument(
-        "--processes",
-        type=int,
-        default=None,
-        help="reading processes beside the loader (default: cores - 1, at most 3; 0: threads only)",
-    )
-    run.add_argument(
-        "--stale-after-hours",
-        type=float,
-        default=DEFAULT_STALE_AFTER_HOURS,
-        help="open tasks older than this stop being re-fetched (default 168)",
-    )
-    run.add_argument(
-        "--lookback-hours", type=float, default=0, help="re-read this much before the cursor"
-    )
-    run.add_argument("--max-attempts", type=_positive_int, default=6, help="attempts per request")
     run.add_argument("--no-models", action="store_true", help="do not build the SQL models")
-    run.add_argument("--pipeline-name", default=None, help="dlt pipeline name (one per target set)")
-    run.add_argument(
-        "--pipelines-dir", default=None, help="dlt working folder (default ~/.dlt/pipelines)"
-    )
 
     models = sub.add_parser("models", help="build the SQL models as views in schema analytics")
-    _add_destination_args(models)
-    models.add_argument("--stale-after-hours", type=float, default=DEFAULT_STALE_AFTER_HOURS)
+    _add_options(models, "models")
 
     report = sub.add_parser("report", help="print a per-instance summary from the models")
-    report.add_argument("--duckdb-path", default=DEFAULT_DUCKDB_PATH)
+    _add_options(report, "report")
 
-    emulator = sub.add_parser("emulator", help="run the local OpenSearch API emulator")
-    from pipelines.emulator.cli import add_arguments as add_emulator_arguments
+    sql = sub.add_parser("sql", help="run one SQL query on the loaded data and models (read-only)")
+    sql.add_argument("query", help="e.g. 'select * from analytics.training_success_rates limit 10'")
+    _add_options(sql, "sql")
 
-    add_emulator_arguments(emulator)
+    # The emulator's own parser reads the rest, so that it is imported only when used.
+    emulator = sub.add_parser(
+        "emulator", help="run the local OpenSearch API emulator (--help for its options)", add_help=False
+    )
+    emulator.add_argument("emulator_args", nargs=argparse.REMAINDER)
 
     demo = sub.add_parser("demo", help="emulator -> load -> advance clock -> load -> models -> report")
-    demo.add_argument("--duckdb-path", default=DEFAULT_DUCKDB_PATH)
+    _add_options(demo, "demo")
     return parser
 
 
-def _add_destination_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--destination", choices=("duckdb", "parquet"), default="duckdb")
-    parser.add_argument(
-        "--duckdb-path",
-        default=None,
-        help=f"DuckDB file (default {DEFAULT_DUCKDB_PATH}); with parquet: where the model views go",
-    )
-    parser.add_argument("--parquet-dir", help="folder or s3://BUCKET/PREFIX for --destination parquet")
+def given(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    """The options given as flags (None: not given)."""
+    return {option.name: getattr(args, option.name, None) for option in options.for_command(command)}
 
 
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -193,40 +155,35 @@ def configure_logging(debug: bool) -> None:
     if not debug:
         os.environ.setdefault("RUNTIME__LOG_LEVEL", "WARNING")
         # The credentials chain logs each provider it tries, with tracebacks: not for users' eyes.
+        logging.getLogger("credentials").setLevel(logging.CRITICAL)
         logging.getLogger("alibabacloud_credentials").setLevel(logging.CRITICAL)
         # A failed instance is printed once, as an "error:" line by cmd_run, not also as a log line.
         handler.addFilter(lambda record: not _is_reported_failure(record))
 
 
 def _is_reported_failure(record: logging.LogRecord) -> bool:
-    return record.name == "pipelines.opensearch_tasks" and record.levelno == logging.ERROR
+    return record.name == "opensearch_tasks.source" and record.levelno == logging.ERROR
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    config = RunConfig(
-        targets=args.targets,
-        endpoint=args.endpoint,
-        region=args.region or DEFAULT_REGION,
-        destination=args.destination,
-        duckdb_path=args.duckdb_path or DEFAULT_DUCKDB_PATH,
-        parquet_dir=args.parquet_dir,
-        models_path=args.duckdb_path if args.destination == "parquet" else None,
+    from opensearch_tasks.runner import RunConfig, run
+
+    config = RunConfig.from_settings(
+        given(args, "run"),
         since_ms=parse_time(args.since, "--since") if args.since else None,
         until_ms=parse_time(args.until, "--until") if args.until else None,
         full_refresh=args.full_refresh,
-        page_size=args.page_size,
-        max_page_size=args.max_page_size,
-        workers=args.workers,
-        processes=args.processes,
-        stale_after_hours=args.stale_after_hours,
-        lookback_hours=args.lookback_hours,
-        max_attempts=args.max_attempts,
         build_models=not args.no_models,
-        pipelines_dir=args.pipelines_dir,
     )
-    if args.pipeline_name:
-        config.pipeline_name = args.pipeline_name
-    from pipelines.runner import run
+    from opensearch_tasks.concurrency import default_processes
+
+    if config.processes is None:  # the command may fork reading processes (a library call: threads)
+        config.processes = default_processes()
+    if _OWNS_PROCESS:
+        from opensearch_tasks.arrow_ready import declare_pandas_unused
+
+        declare_pandas_unused()
+    from opensearch_tasks.report import format_summary, progress_printer
 
     config.on_progress = progress_printer()
     result = run(config)
@@ -249,99 +206,83 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def progress_printer() -> Callable[..., None]:
-    """A live one-line progress display on a terminal; plain log lines otherwise."""
-    if sys.stderr.isatty():
-
-        def draw(instance: Any, finished: int, planned: int) -> None:
-            end = "\n" if finished == planned else ""
-            sys.stderr.write(f"\r\x1b[2K[{finished}/{planned}] {instance.target}"[:120] + end)
-            sys.stderr.flush()
-
-        return draw
-
-    def log(instance: Any, finished: int, planned: int) -> None:
-        state = (
-            f"FAILED: {instance.error}"
-            if instance.error
-            else (
-                f"{instance.new} new, {instance.updated} updated, {instance.running} running, "
-                f"{instance.requests} requests, {instance.retries} retries, {instance.seconds:.2f}s"
-            )
-        )
-        logger.info("[%d/%d] %s: %s", finished, planned, instance.target, state)
-
-    return log
-
-
-def format_summary(result: RunResult) -> str:
-    """Per instance: tasks new / updated / still running, requests, retries, seconds."""
-    rows = sorted(result.report.instances, key=lambda r: str(r.target))
-    header = f"{'instance':<48} {'new':>7} {'updated':>7} {'running':>7} {'requests':>8} {'retries':>7} {'seconds':>7}"
-    lines = [header, "-" * len(header)]
-    for r in rows:
-        status = f"  FAILED: {r.error}" if r.error else ""
-        lines.append(
-            f"{str(r.target)[:48]:<48} {r.new:>7} {r.updated:>7} {r.running:>7} "
-            f"{r.requests:>8} {r.retries:>7} {r.seconds:>7.2f}{status}"
-        )
-    total_new = sum(r.new for r in rows)
-    total_updated = sum(r.updated for r in rows)
-    lines.append("-" * len(header))
-    lines.append(
-        f"{len(rows)} instance(s), {total_new} new, {total_updated} updated, "
-        f"{result.report.requests} requests, {result.report.retries} retries, {result.seconds:.1f}s"
-        + (f", models: {len(result.models)} built" if result.models else "")
-    )
-    return "\n".join(lines)
-
-
 def cmd_models(args: argparse.Namespace) -> int:
-    from pipelines.models import build_models_in_file
+    settings = options.resolve(given(args, "models"), [o.name for o in options.for_command("models")])
+    destination, parquet_dir = settings["destination"], settings["parquet_dir"]
+    if destination == "parquet":
+        if not parquet_dir:
+            raise UsageError("--destination parquet needs --parquet-dir DIR (or s3://BUCKET/PREFIX)")
+        duckdb_path = settings["duckdb_path"] or options.DEFAULT_PARQUET_MODELS_PATH
+        paths.require_folder(duckdb_path, "--duckdb-path")
+        if not paths.is_remote(parquet_dir):
+            paths.require_folder(Path(parquet_dir) / "x", "--parquet-dir")
+    else:
+        duckdb_path = paths.require_database(settings["duckdb_path"] or options.DEFAULT_DUCKDB_PATH)
+    from opensearch_tasks.models import build_models_in_file
 
-    if args.destination == "parquet" and not args.parquet_dir:
-        raise UsageError("--destination parquet needs --parquet-dir DIR")
-    from pipelines.storage import filesystem_for
+    filesystem = None
+    if destination == "parquet" and paths.is_remote(parquet_dir):
+        from opensearch_tasks.storage import filesystem_for
 
-    duckdb_path = args.duckdb_path or (
-        DEFAULT_DUCKDB_PATH if args.destination == "duckdb" else DEFAULT_PARQUET_MODELS_PATH
-    )
+        filesystem = filesystem_for(parquet_dir)
     built = build_models_in_file(
         duckdb_path,
-        destination=args.destination,
-        parquet_dir=args.parquet_dir,
-        stale_after_hours=int(args.stale_after_hours),
-        filesystem=filesystem_for(args.parquet_dir) if args.destination == "parquet" else None,
+        destination=destination,
+        parquet_dir=parquet_dir,
+        stale_after_hours=settings["stale_after_hours"],
+        filesystem=filesystem,
     )
     print(f"built {len(built)} models in {duckdb_path}: {', '.join(built)}")
     return 0
 
 
-def cmd_report(args: argparse.Namespace) -> int:
-    from pipelines.report import print_report
-    from pipelines.storage import filesystem_for_models
+def _models_connection(args: argparse.Namespace, command: str) -> Any:
+    """A read-only connection to an existing models file (never creates one)."""
+    settings = options.resolve(given(args, command), ["duckdb_path"])
+    path = paths.require_database(settings["duckdb_path"] or options.DEFAULT_DUCKDB_PATH)
+    from opensearch_tasks.models import connect_models
+    from opensearch_tasks.storage import filesystem_for, parquet_url_of_models
 
-    # Models over s3:// Parquet need the bucket's filesystem, configured like the loader's.
-    print_report(args.duckdb_path, filesystem=filesystem_for_models(args.duckdb_path))
+    # Views over s3:// Parquet need the bucket's filesystem, configured as the loader's is.
+    url = parquet_url_of_models(path)
+    filesystem = filesystem_for(url) if url else None
+    return paths.open_database(lambda: connect_models(path, read_only=True, filesystem=filesystem), path)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from opensearch_tasks.report import render_report
+
+    with _models_connection(args, "report") as con:
+        print(render_report(con))
+    return 0
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    from opensearch_tasks.report import render_query
+
+    with _models_connection(args, "sql") as con:
+        print(render_query(con, args.query))
     return 0
 
 
 def cmd_emulator(args: argparse.Namespace) -> int:
-    from pipelines.emulator.cli import run as run_emulator
+    from opensearch_tasks.emulator.cli import main as emulator_main
 
-    return run_emulator(args)
+    return emulator_main(args.emulator_args, prog="opensearch-tasks emulator")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from pipelines.demo import run_demo
+    from opensearch_tasks.demo import run_demo
 
-    return run_demo(args.duckdb_path)
+    settings = options.resolve(given(args, "demo"), ["duckdb_path"])
+    return run_demo(settings["duckdb_path"] or options.DEFAULT_DUCKDB_PATH)
 
 
 COMMANDS = {
     "run": cmd_run,
     "models": cmd_models,
     "report": cmd_report,
+    "sql": cmd_sql,
     "emulator": cmd_emulator,
     "demo": cmd_demo,
 }
@@ -349,12 +290,18 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if args.command == "emulator":  # its own parser reads its options (--help included)
+        args.emulator_args = [*unknown, *args.emulator_args]
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     configure_logging(args.debug)
     try:
         return COMMANDS[args.command](args)
     except (UsageError, TargetError) as error:
         return _fail(args, f"error: {error}", 2)
+    except ModelsError as error:  # names the model file, or says to build the models first
+        return _fail(args, f"error: {error}", 1)
     except OpenSearchError as error:
         usage = error.is_credentials_error or (error.code is None and not error.retryable)
         return _fail(args, f"error: {error}", 2 if usage else 1)
@@ -398,7 +345,10 @@ def run_as_process(job: Callable[[], int]) -> NoReturn:
     its files explicitly). Not done in ``main``, which tests and embedders call in a process that
     goes on.
     """
-    declare_pandas_unused()
+    from opensearch_tasks.startup import LOADER_GC_THRESHOLDS
+
+    global _OWNS_PROCESS
+    _OWNS_PROCESS = True
     gc.set_threshold(*LOADER_GC_THRESHOLDS)
     code = job()
     gc.freeze()  # frozen objects are never collected again, so finalisation skips them
@@ -407,7 +357,7 @@ def run_as_process(job: Callable[[], int]) -> NoReturn:
 
 def entry_point() -> NoReturn:
     """The command as the whole process. The ``opensearch-tasks`` console script reaches it through
-    ``pipelines.startup`` (imports without the cyclic GC); ``python -m pipelines.cli`` directly."""
+    ``opensearch_tasks.startup`` (imports without the cyclic GC); ``python -m opensearch_tasks.cli`` directly."""
     run_as_process(main)
 
 

@@ -2,7 +2,7 @@
 
 Usage (what ``opensearch-tasks run`` does)::
 
-    from pipelines.runner import RunConfig, run
+    from opensearch_tasks.runner import RunConfig, run
     result = run(RunConfig(targets=["my_app"], endpoint="http://127.0.0.1:8080"))
 
 Why this module exists apart from the source: it owns the things around a run that the source must not
@@ -19,39 +19,40 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import dlt
 import duckdb
-from dlt.common.configuration.exceptions import ConfigFieldMissingException
 from dlt.common.pipeline import LoadInfo, get_dlt_pipelines_dir
 
-from pipelines.models import duckdb_table_exists, quote_identifier
-from pipelines.opensearch_tasks import RunReport, opensearch_tasks
-from pipelines.opensearch_tasks.client import OpenSearchError, resolve_endpoint
-from pipelines.opensearch_tasks.concurrency import not_inherited
-from pipelines.opensearch_tasks.settings import (
+from opensearch_tasks import options
+from opensearch_tasks.client import OpenSearchError, resolve_endpoint
+from opensearch_tasks.concurrency import not_inherited
+from opensearch_tasks.errors import RunError, UsageError
+from opensearch_tasks.models import duckdb_table_exists, quote_identifier
+from opensearch_tasks.options import DEFAULT_DUCKDB_PATH, DEFAULT_PARQUET_MODELS_PATH, default
+from opensearch_tasks.paths import (
+    duckdb_locked_message,
+    ensure_writable_dir,
+    is_duckdb_lock_error,
+)
+from opensearch_tasks.settings import (
     DATASET_NAME,
-    DEFAULT_PAGE_SIZE,
-    DEFAULT_REGION,
-    DEFAULT_STALE_AFTER_HOURS,
-    MAX_PAGE_SIZE,
-    PIPELINE_NAME,
     PRIMARY_KEY,
     TABLE_NAME,
 )
-from pipelines.opensearch_tasks.targets import parse_targets
+from opensearch_tasks.source import RunReport, opensearch_tasks
+from opensearch_tasks.targets import parse_targets
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_DUCKDB_PATH = "data/opensearch.duckdb"
-DEFAULT_PARQUET_MODELS_PATH = "data/opensearch_parquet.duckdb"  # the model views over Parquet
 FINGERPRINT_FILE = "opensearch_tasks_destination.txt"
 
-# dlt settings the product relies on, applied unless the user set them (env or .dlt/config.toml):
+# dlt settings the product relies on, set for the length of a run unless the user set them in the
+# environment, and put back afterwards (a notebook or an Airflow worker runs other pipelines too):
 # the source writes _dlt_load_id itself (the Parquet staging model picks the newest version of a
 # task by it), at a fixed place so that normalize can copy files as they are: dlt's own would be
 # appended at the end of every file (see records.ColumnKinds.widen).
@@ -61,73 +62,75 @@ _DLT_DEFAULTS = {
 }
 
 
-class UsageError(ValueError):
-    """Bad options or configuration: exit code 2, one line, no traceback."""
-
-
-class RunError(RuntimeError):
-    """The run could not complete (locked file, failed instances, ...): exit code 1."""
-
-
 @dataclass
 class RunConfig:
-    targets: Sequence[str] | None = (
-        None  # None: from .dlt/config.toml (sources.opensearch_tasks.targets)
-    )
+    """One run, every value explicit. ``RunConfig.from_settings`` fills it the way the command does
+    (flags, environment, ``.dlt/`` files, defaults); the declarations live in ``options.py``."""
+
+    targets: Sequence[str] | None = None
     endpoint: str | None = None
-    region: str = DEFAULT_REGION
-    destination: str = "duckdb"
+    region: str = default("region")
+    destination: str = default("destination")
     duckdb_path: str = DEFAULT_DUCKDB_PATH
     parquet_dir: str | None = None
     models_path: str | None = None  # DuckDB file for the models over Parquet
     since_ms: int | None = None
     until_ms: int | None = None
     full_refresh: bool = False
-    page_size: int = DEFAULT_PAGE_SIZE
-    max_page_size: int = MAX_PAGE_SIZE
-    workers: int = 8
-    processes: int | None = None  # reading processes beside the loader; None: cores - 1 (<= 3)
-    stale_after_hours: float = DEFAULT_STALE_AFTER_HOURS
-    lookback_hours: float = 0
-    max_attempts: int = 6
-    read_timeout_ms: int = 30_000
+    page_size: int = default("page_size")
+    max_page_size: int = default("max_page_size")
+    workers: int = default("workers")
+    processes: int | None = default("processes")  # None or 0: read with threads
+    stale_after_hours: float = default("stale_after_hours")
+    lookback_hours: float = default("lookback_hours")
+    max_attempts: int = default("max_attempts")
+    read_timeout_ms: int = default("read_timeout_ms")
     duckdb_memory_limit: str = "128MB"  # for the load's merge; see make_destination
     duckdb_threads: int = 2  # the load's, with insertion order not kept (see make_destination)
     build_models: bool = True
-    pipeline_name: str = PIPELINE_NAME
+    pipeline_name: str = default("pipeline_name")
     pipelines_dir: str | None = None
     credentials: dict[str, str | None] = field(default_factory=dict, repr=False)
     on_progress: Callable[..., None] | None = field(default=None, repr=False)
 
+    @classmethod
+    def from_settings(
+        cls,
+        given: Mapping[str, Any] | None = None,
+        environ: Mapping[str, str] | None = None,
+        **run_only: Any,
+    ) -> RunConfig:
+        """Every declared option from ``given`` (flags; None: not given), else the environment,
+        else ``.dlt/secrets.toml`` / ``config.toml``, else its default. ``run_only``: the other
+        fields (``since_ms``, ``full_refresh``, ``on_progress``, ...)."""
+        settings = options.resolve(given, environ=environ).values
+        credentials = {name: settings.pop(name) for name in options.CREDENTIAL_OPTIONS}
+        duckdb_path = settings.pop("duckdb_path")
+        if settings["destination"] == "parquet":
+            settings["models_path"] = duckdb_path  # with Parquet, --duckdb-path holds the models
+        else:
+            settings["duckdb_path"] = duckdb_path or DEFAULT_DUCKDB_PATH
+        config = cls(**settings, **run_only)
+        config.credentials = {k: v for k, v in credentials.items() if v} or config.credentials
+        return config
+
     def validate(self) -> None:
-        if self.destination not in ("duckdb", "parquet"):
-            raise UsageError(f"unknown destination {self.destination!r}: use duckdb or parquet")
+        """Every value in range, before anything touches the disk or the network."""
+        for name in options.BY_NAME:
+            if hasattr(self, name) and name != "targets":
+                option = options.BY_NAME[name]
+                option.validate(getattr(self, name), option.flag)
         if self.destination == "parquet" and not self.parquet_dir:
             raise UsageError("--destination parquet needs --parquet-dir DIR (or s3://BUCKET/PREFIX)")
-        if not 1 <= self.page_size <= MAX_PAGE_SIZE:
-            raise UsageError(f"--page-size must be between 1 and {MAX_PAGE_SIZE}, got {self.page_size}")
-        if not 1 <= self.max_page_size <= MAX_PAGE_SIZE:
-            raise UsageError(
-                f"--max-page-size must be between 1 and {MAX_PAGE_SIZE}, got {self.max_page_size}"
-            )
-        if not 1 <= self.workers <= 64:
-            raise UsageError(f"--workers must be between 1 and 64, got {self.workers}")
-        if self.processes is not None and not 0 <= self.processes <= 64:
-            raise UsageError(f"--processes must be between 0 and 64, got {self.processes}")
-        if not 1 <= self.max_attempts <= 100:
-            raise UsageError(f"--max-attempts must be between 1 and 100, got {self.max_attempts}")
-        for option, hours in (
-            ("--stale-after-hours", self.stale_after_hours),
-            ("--lookback-hours", self.lookback_hours),
-        ):
-            if not 0 <= hours < 1e6:  # also refuses nan
-                raise UsageError(f"{option} must be a number of hours >= 0, got {hours}")
-        if self.read_timeout_ms < 100:
-            raise UsageError(f"read_timeout_ms must be at least 100, got {self.read_timeout_ms}")
         if self.since_ms is not None and self.until_ms is not None and self.since_ms >= self.until_ms:
             raise UsageError("--since must be before --until")
-        if self.targets:
-            parse_targets(self.targets)
+        if not self.targets:
+            raise UsageError(
+                "no targets: pass --target APP_GROUP[/FUNCTION[/INSTANCE]], or set "
+                "sources.opensearch_tasks.targets in .dlt/config.toml "
+                "(or SOURCES__OPENSEARCH_TASKS__TARGETS)"
+            )
+        parse_targets(self.targets)
         try:
             resolve_endpoint(self.endpoint, self.region)
         except OpenSearchError as error:
@@ -165,15 +168,23 @@ class RunResult:
     models: list[str] = field(default_factory=list)
 
 
-def apply_dlt_defaults() -> None:
-    for key, value in _DLT_DEFAULTS.items():
-        os.environ.setdefault(key, value)
+@contextlib.contextmanager
+def dlt_defaults() -> Iterator[None]:
+    """The product's dlt settings (``_DLT_DEFAULTS``) for the block, the environment restored after."""
+    added = [key for key in _DLT_DEFAULTS if key not in os.environ]
+    for key in added:
+        os.environ[key] = _DLT_DEFAULTS[key]
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
 
 
 def make_destination(config: RunConfig) -> Any:
     if config.destination == "duckdb":
         path = Path(config.duckdb_path).resolve()
-        _ensure_writable_dir(path.parent, "--duckdb-path")
+        ensure_writable_dir(path.parent, "--duckdb-path")
         from dlt.destinations.impl.duckdb.configuration import DuckDbCredentials
 
         # DuckDB takes up to 80 % of RAM by default and a 1M-task merge then peaks near 1.8 GB (471 MB
@@ -190,28 +201,18 @@ def make_destination(config: RunConfig) -> Any:
         }
         return dlt.destinations.duckdb(credentials=DuckDbCredentials(str(path), global_config=limits))
     if config.is_remote:
-        from pipelines.storage import filesystem_config
+        from opensearch_tasks.storage import filesystem_config
 
         filesystem_config(str(config.parquet_dir))  # fail fast, in one line, on a missing key
         return dlt.destinations.filesystem(bucket_url=str(config.parquet_dir))
     directory = Path(str(config.parquet_dir)).resolve()
-    _ensure_writable_dir(directory, "--parquet-dir")
+    ensure_writable_dir(directory, "--parquet-dir")
     return dlt.destinations.filesystem(bucket_url=directory.as_uri())
-
-
-def _ensure_writable_dir(directory: Path, option: str) -> None:
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UsageError(f"{option}: cannot create {directory}: {error.strerror}") from None
-    if not os.access(directory, os.W_OK):
-        raise UsageError(f"{option}: {directory} is not writable")
 
 
 def make_pipeline(config: RunConfig) -> dlt.Pipeline:
     """The pipeline for this destination; a working folder left by another destination is dropped,
     so its cursor is never reused (state then comes from the destination itself)."""
-    apply_dlt_defaults()
     kwargs: dict[str, Any] = {"pipeline_name": config.pipeline_name, "dataset_name": DATASET_NAME}
     if config.pipelines_dir:
         kwargs["pipelines_dir"] = config.pipelines_dir
@@ -256,25 +257,6 @@ def check_duckdb_writable(path: str) -> None:
         if is_duckdb_lock_error(error):
             raise RunError(duckdb_locked_message(path)) from None
         raise
-
-
-def duckdb_locked_message(path: str | Path, note: str = "") -> str:
-    return (
-        f"{path} is locked by another process (a notebook or DuckDB CLI?): "
-        f"close that connection, or open it with read_only=True, and rerun{note}"
-    )
-
-
-def is_duckdb_lock_error(error: BaseException) -> bool:
-    """Whether an error (dlt wraps them twice) is DuckDB refusing a file another process holds."""
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, duckdb.IOException) and "lock" in str(current).lower():
-            return True
-        current = current.__cause__ or current.__context__
-    return "Could not set lock on file" in str(error)
 
 
 def _lock_path(config: RunConfig) -> Path:
@@ -354,21 +336,24 @@ def remove_duplicate_rows(duckdb_path: str, memory_limit: str = "128MB") -> int:
 def check_paths(config: RunConfig) -> None:
     """Unwritable places fail first, in one line naming the option (not after a whole extraction)."""
     if config.destination == "duckdb":
-        _ensure_writable_dir(Path(config.duckdb_path).resolve().parent, "--duckdb-path")
+        ensure_writable_dir(Path(config.duckdb_path).resolve().parent, "--duckdb-path")
     else:
         if not config.is_remote:
-            _ensure_writable_dir(Path(str(config.parquet_dir)).resolve(), "--parquet-dir")
+            ensure_writable_dir(Path(str(config.parquet_dir)).resolve(), "--parquet-dir")
         if config.build_models:
-            _ensure_writable_dir(Path(config.models_db()).resolve().parent, "--duckdb-path")
-    _ensure_writable_dir(_pipeline_lock_path(config).parent, "--pipelines-dir")
+            ensure_writable_dir(Path(config.models_db()).resolve().parent, "--duckdb-path")
+    ensure_writable_dir(_pipeline_lock_path(config).parent, "--pipelines-dir")
 
 
 def run(config: RunConfig) -> RunResult:
     """Load the targets into the destination, then build the models. Raises UsageError / RunError."""
     config.validate()
+    report = RunReport(on_progress=config.on_progress)
+    source = build_source(config, report)  # checks the credentials; touches no file
     check_paths(config)
     started = time.perf_counter()
     with (
+        dlt_defaults(),
         exclusive_lock(_lock_path(config), config.destination_url().split(":", 1)[1]),
         exclusive_lock(
             _pipeline_lock_path(config),
@@ -380,8 +365,12 @@ def run(config: RunConfig) -> RunResult:
             check_duckdb_writable(str(Path(config.duckdb_path).resolve()))
         pipeline = make_pipeline(config)
         pipeline = finish_pending(pipeline, config)
-        report = RunReport(on_progress=config.on_progress)
-        source = build_source(config, report)
+        source.resources[TABLE_NAME].apply_hints(
+            write_disposition="merge" if merges(config) else "append",
+            # Each task is sent once per load, so dlt's staging dedup is skipped; a load killed
+            # mid-way can copy a file twice, and finish_pending repairs exactly that case.
+            additional_table_hints={"x-stage-data-deduplicated": True},
+        )
         refresh = "drop_sources" if config.full_refresh else None
         if config.full_refresh and config.destination == "parquet":
             forget_cursors(pipeline, source.name)
@@ -448,36 +437,14 @@ def merges(config: RunConfig) -> bool:
 
 
 def build_source(config: RunConfig, report: RunReport) -> Any:
-    kwargs: dict[str, Any] = {
-        "endpoint": config.endpoint,
-        "region": config.region,
-        "page_size": config.page_size,
-        "max_page_size": max(config.max_page_size, config.page_size),
-        "workers": config.workers,
-        "processes": config.processes,
-        "stale_after_hours": config.stale_after_hours,
-        "lookback_hours": config.lookback_hours,
-        "since_ms": config.since_ms,
-        "until_ms": config.until_ms,
-        "write_disposition": "merge" if merges(config) else "append",
-        "max_attempts": config.max_attempts,
-        "read_timeout_ms": config.read_timeout_ms,
-        "report": report,
-    }
-    if config.targets:
-        kwargs["targets"] = list(config.targets)
-    for key, value in config.credentials.items():
-        if value:
-            kwargs[key] = value
-    try:
-        return opensearch_tasks(**kwargs)
-    except ConfigFieldMissingException as error:
-        if "targets" not in error.fields:
-            raise
-        raise UsageError(
-            "no targets: pass --target APP_GROUP[/FUNCTION[/INSTANCE]] or set "
-            "sources.opensearch_tasks.targets in .dlt/config.toml"
-        ) from None
+    """The dlt source with every option of ``config`` given explicitly (dlt resolves nothing)."""
+    kwargs: dict[str, Any] = {name: getattr(config, name) for name in options.SOURCE_OPTIONS}
+    kwargs["max_page_size"] = max(config.max_page_size, config.page_size)
+    kwargs.update(since_ms=config.since_ms, until_ms=config.until_ms, report=report)
+    for key in options.CREDENTIAL_OPTIONS:
+        # Explicit keys, or None for each: Alibaba Cloud's default chain, never dlt's lookup again.
+        kwargs[key] = config.credentials.get(key) or None
+    return opensearch_tasks(**kwargs)
 
 
 def build_models_for(config: RunConfig) -> list[str]:
@@ -492,13 +459,13 @@ def build_models_for(config: RunConfig) -> list[str]:
 
 
 def _build_models_for(config: RunConfig) -> list[str]:
-    from pipelines.models import build_models_in_file
+    from opensearch_tasks.models import build_models_in_file
 
     if config.destination == "duckdb":
         return build_models_in_file(
             config.duckdb_path, destination="duckdb", stale_after_hours=int(config.stale_after_hours)
         )
-    from pipelines.storage import filesystem_for
+    from opensearch_tasks.storage import filesystem_for
 
     return build_models_in_file(
         config.models_db(),

@@ -7,12 +7,17 @@ ones start) -> incremental load -> models -> report -> emulator down.
 from __future__ import annotations
 
 import logging
+import shlex
+import shutil
+import sys
 import time
+from pathlib import Path
 
 import duckdb
 
-from pipelines.emulator import Emulator, WorldSpec
-from pipelines.runner import RunConfig, run
+from opensearch_tasks.emulator import Emulator, WorldSpec
+from opensearch_tasks.options import DEFAULT_DUCKDB_PATH
+from opensearch_tasks.runner import RunConfig, run
 
 logger = logging.getLogger(__name__)
 
@@ -21,8 +26,7 @@ DEMO_KEY_SECRET = "demo-secret-not-a-real-key"  # noqa: S105 (the emulator's own
 
 
 def run_demo(duckdb_path: str) -> int:
-    from pipelines.cli import format_summary
-    from pipelines.report import render_report
+    from opensearch_tasks.report import format_summary, render_report
 
     started = time.perf_counter()
     spec = WorldSpec(seed=42, app_groups=2, functions_per_group=3, instances_per_function=2)
@@ -54,5 +58,19 @@ def run_demo(duckdb_path: str) -> int:
         print(f"== models: {', '.join(result.models)}\n")
         print(render_report(con))
     print(f"\ndemo finished in {time.perf_counter() - started:.1f}s; query it with:")
-    print(f"  duckdb {duckdb_path} -c 'select * from analytics.training_success_rates limit 10'")
+    where = "" if duckdb_path == DEFAULT_DUCKDB_PATH else f" --duckdb-path {shlex.quote(duckdb_path)}"
+    query = "select * from analytics.training_success_rates limit 10"
+    print(f"  {command_name()} sql{where} {shlex.quote(query)}")
     return 0
+
+
+def command_name() -> str:
+    """How to call this command again from here: ``opensearch-tasks`` when that is what the shell
+    finds, else the path it was started by (``.venv/bin/opensearch-tasks`` under ``make demo``)."""
+    started_as = sys.argv[0] if sys.argv and sys.argv[0] else ""
+    if Path(started_as).name != "opensearch-tasks":
+        return f"{shlex.quote(sys.executable)} -m opensearch_tasks.cli"
+    found = shutil.which("opensearch-tasks")
+    if found and Path(found).resolve() == Path(started_as).resolve():
+        return "opensearch-tasks"
+    return shlex.quote(started_as)

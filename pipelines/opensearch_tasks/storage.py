@@ -9,8 +9,8 @@ one place to configure a bucket. DuckDB then reads the files through the filesys
 
 Usage (a notebook over models built on ``s3://`` Parquet)::
 
-    from pipelines.models import connect_models
-    from pipelines.storage import filesystem_for_models
+    from opensearch_tasks.models import connect_models
+    from opensearch_tasks.storage import filesystem_for_models
     con = connect_models("data/models.duckdb", filesystem=filesystem_for_models("data/models.duckdb"))
 """
 
@@ -22,12 +22,13 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import duckdb
-from fsspec import AbstractFileSystem
 
-from pipelines.runner import UsageError
+from opensearch_tasks.errors import UsageError
+from opensearch_tasks.paths import is_remote
 
 if TYPE_CHECKING:
     from dlt.common.storages.configuration import FilesystemConfiguration
+    from fsspec import AbstractFileSystem
 
 _CONFIG_SECTIONS = ("destination", "filesystem")
 _CREDENTIALS_HINT = (
@@ -36,11 +37,6 @@ _CREDENTIALS_HINT = (
     "another S3-compatible store), or [destination.filesystem.credentials] in .dlt/secrets.toml"
 )
 _PARQUET_URL = re.compile(r"read_parquet\(\s*'([A-Za-z][A-Za-z0-9+.-]*://[^']*)'")
-
-
-def is_remote(parquet_dir: str | Path | None) -> bool:
-    """True for a URL such as ``s3://bucket/prefix``; False for a local folder."""
-    return parquet_dir is not None and "://" in str(parquet_dir)
 
 
 def check_url(url: str) -> None:

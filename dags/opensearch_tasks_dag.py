@@ -1,0 +1,208 @@
+"""OpenSearch training-task history into DuckDB (or Parquet), on a schedule, with data checks.
+
+``plan`` -> ``load`` (one mapped task per app group) -> ``build_models`` -> ``check_data``
+
+* **plan** reads the targets and groups them by app group.
+* **load** runs ``opensearch_tasks.runner.run`` for one app group: its own Airflow task, log and retries, and
+  its own cursors (the source keeps one cursor per instance, and a load moves only its own instances').
+* **build_models** (re)creates the ``analytics`` views once, after every load succeeded.
+* **check_data** fails the run (no retry) when a task key is duplicated, a success rate leaves [0, 1],
+  or the newest load is older than the expected freshness.
+
+Configuration lives in Airflow, never in this file (read inside the tasks, not at import):
+
+======================================  ================================================================
+Variable ``opensearch_tasks_targets``   required: JSON list of ``APP_GROUP[/FUNCTION[/INSTANCE]]``
+Variable ``opensearch_tasks_endpoint``  endpoint URL (else the Connection's ``endpoint``, else region)
+Variable ``opensearch_tasks_region``    region (else the Connection's ``region``, else cn-hangzhou)
+Variable ``..._destination``            ``duckdb`` (default) or ``parquet``
+Variable ``..._duckdb_path``            default ``$AIRFLOW_HOME/data/opensearch.duckdb``
+Variable ``..._parquet_dir``            for ``parquet``: a folder (relative: under ``$AIRFLOW_HOME``)
+Variable ``..._models_path``            for ``parquet``: the DuckDB file holding the models
+Variable ``..._pipelines_dir``          dlt working folders (default: dlt's ``~/.dlt/pipelines``)
+Variable ``..._freshness_hours``        newest load must be younger than this (default 24)
+Variable ``..._options``                JSON object of the other run options (``options.py``):
+                                        page_size, workers, stale_after_hours, lookback_hours, ...
+Connection ``opensearch_tasks_default`` login = AccessKey id, password = secret; extra:
+                                        ``security_token``, ``region``, ``endpoint``. Without it:
+                                        ``ALIBABA_CLOUD_*`` variables, profile, RAM role (default chain)
+env ``OPENSEARCH_TASKS_SCHEDULE``       cron / preset read at parse time (default ``@hourly``;
+                                        ``none``: manual runs only). Parse-time settings come from the
+                                        environment because reading Variables while parsing costs a
+                                        metadata-database call on every parse.
+env ``OPENSEARCH_TASKS_RETRIES``        retries per task (default 2; 5 then 10 minutes apart)
+======================================  ================================================================
+
+Why not dlt's ``PipelineTasksGroup``: it splits one source into tasks per *resource*, and this source has
+one resource; the fan-out wanted here is per *app group*, which is dynamic task mapping. It also points
+``DLT_DATA_DIR`` at a temporary folder and wipes local state after each task. Our runner can live with that
+(its state is per destination and restored from the destination), but it would lose what the runner uses
+the local folder for: finishing a load package a killed run left behind instead of fetching it again.
+So each task calls the runner, the one entry point the CLI and benchmarks share (locks, destination
+fingerprint, leftovers, per-instance failures). On workers without a persistent disk, point
+``opensearch_tasks_pipelines_dir`` at a temporary folder: state then comes back from the destination.
+
+Why every app group loads under the one dlt pipeline ``opensearch_tasks`` (the CLI's), not a pipeline
+per app group: all app groups land in one table, and a dlt pipeline types new columns from its *own*
+schema. With a pipeline per app group, an ``extendInfo`` key that is a number in one app group and text
+in another makes the second load fail (``Could not convert string '93%' to DOUBLE``), in whichever order
+they run (reproduced; tests/test_airflow.py injects exactly this). One pipeline keeps one schema, so the
+second type becomes a variant column as in any single run. Per-app-group state is not lost by this: the
+cursors live per instance inside the pipeline's state, a load only moves its own instances' cursors, and
+a failed app group leaves every cursor of the others as it was. It also means the CLI and the DAG share
+cursors when they write the same destination (the runner's lock keeps them from running at once).
+
+Why the loads run one at a time (``max_active_tis_per_dag=1``, ``max_active_runs=1``): DuckDB allows one
+writing process, and the runner takes a lock per destination and refuses (RunError) rather than wait.
+Serialising in Airflow needs no pool to be created and keeps a refused load from burning retries; it is
+also what makes one shared pipeline state safe. Each load still reads its instances concurrently
+(``workers``). A notebook holding the DuckDB file open makes a load fail with a one-line "locked"
+error; the retry (with delay) picks it up once the notebook lets go.
+
+Freshness is the newest of dlt's ``_dlt_loads`` (DuckDB) and the newest ``fetched_at``. A run that finds
+nothing new or changed writes no load, so set ``opensearch_tasks_freshness_hours`` above the longest
+quiet spell your training schedule has (the default, 24 h, suits daily training).
+
+Its settings, planning and data checks live in the package (``opensearch_tasks.scheduling`` and
+``opensearch_tasks.checks``); this file only wires tasks. Importing it reads only the environment: no
+network, no database, no dlt or DuckDB import. Settings not set in Airflow resolve as the command's do
+(``SOURCES__OPENSEARCH_TASKS__*`` environment variables, ``.dlt/config.toml``, the declared defaults).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from opensearch_tasks.scheduling import (
+    ConfigError,
+    Settings,
+    fail_for_good,
+    group_targets,
+    read_settings,
+    retries_from_environment,
+    schedule_from_environment,
+)
+
+try:  # Airflow 3
+    from airflow.sdk import dag, task
+
+    RETRY_BACKOFF: float | bool = 2.0  # Airflow 3: the multiplier
+except ImportError:  # Airflow 2.9+ (checked by hand with 2.11; not in the test suite)
+    from airflow.decorators import dag, task
+
+    RETRY_BACKOFF = True  # Airflow 2: a bool, doubling
+
+logger = logging.getLogger(__name__)
+
+DAG_ID = "opensearch_tasks"
+
+
+def _settings() -> Settings:
+    try:
+        return read_settings()
+    except ConfigError as error:
+        raise fail_for_good(str(error)) from None
+
+
+@dag(
+    dag_id=DAG_ID,
+    schedule=schedule_from_environment(),
+    start_date=datetime(2026, 1, 1, tzinfo=UTC),
+    catchup=False,
+    max_active_runs=1,
+    doc_md=__doc__,
+    tags=["opensearch", "dlt", "duckdb"],
+    default_args={
+        "retries": retries_from_environment(),
+        "retry_delay": timedelta(minutes=5),
+        "retry_exponential_backoff": RETRY_BACKOFF,  # 5, then 10 minutes
+        "max_retry_delay": timedelta(minutes=30),
+    },
+)
+def opensearch_tasks() -> None:
+    @task
+    def plan() -> list[dict[str, Any]]:
+        """The app groups to load: one mapped ``load`` each."""
+        try:
+            groups = group_targets(_settings().targets)
+        except ConfigError as error:
+            raise fail_for_good(str(error)) from None
+        logger.info("%d app group(s): %s", len(groups), ", ".join(g["app_group"] for g in groups))
+        return groups
+
+    @task(max_active_tis_per_dag=1, map_index_template="{{ app_group }}")
+    def load(group: dict[str, Any]) -> dict[str, Any]:
+        """Load one app group; failed instances fail the task after the others' rows are stored."""
+        try:
+            from airflow.sdk import get_current_context
+        except ImportError:
+            from airflow.operators.python import get_current_context
+        get_current_context()["app_group"] = group["app_group"]  # type: ignore[literal-required]
+
+        from opensearch_tasks.errors import UsageError
+        from opensearch_tasks.report import format_summary
+        from opensearch_tasks.runner import run
+
+        try:
+            config = _settings().run_config(build_models=False)
+            config.targets = group["targets"]
+            result = run(config)
+        except (ConfigError, UsageError) as error:
+            raise fail_for_good(str(error)) from None
+        logger.info(
+            "%s (pipeline %s)\n%s", group["app_group"], config.pipeline_name, format_summary(result)
+        )
+        if not result.report.ok:
+            failures = result.report.failures
+            raise RuntimeError(
+                f"{len(failures)} instance(s) of {group['app_group']} failed (their cursors are "
+                f"unchanged; the other instances were stored): {'; '.join(failures)}"
+            )
+        instances = result.report.instances
+        return {
+            "app_group": group["app_group"],
+            "pipeline_name": config.pipeline_name,
+            "targets": group["targets"],
+            "instances": len(instances),
+            "new": sum(r.new for r in instances),
+            "updated": sum(r.updated for r in instances),
+            "requests": result.report.requests,
+            "load_ids": list(result.load_info.loads_ids) if result.load_info else [],
+            "seconds": round(result.seconds, 2),
+        }
+
+    @task
+    def build_models() -> list[str]:
+        """The analytics views, once, after every app group is loaded."""
+        from opensearch_tasks.runner import build_models_for
+
+        built = build_models_for(_settings().run_config())
+        logger.info("built %d models", len(built))
+        return built
+
+    @task(retries=0)
+    def check_data() -> dict[str, Any]:
+        """Fails loudly (no retry: the data would not change) and names every failed check."""
+        from opensearch_tasks.checks import run_checks
+        from opensearch_tasks.models import connect_models
+        from opensearch_tasks.storage import filesystem_for_models
+
+        settings = _settings()
+        config = settings.run_config()
+        database = config.models_db()
+        # Parquet on s3:// is read through the same fsspec filesystem as the loader (no extension).
+        filesystem = filesystem_for_models(database) if config.destination == "parquet" else None
+        with connect_models(database, read_only=True, filesystem=filesystem) as con:
+            failures, facts = run_checks(con, config.destination, settings.freshness_hours)
+        logger.info("data checks: %s", facts)
+        if failures:
+            raise fail_for_good(f"{len(failures)} data check(s) failed: " + " | ".join(failures))
+        return facts
+
+    loads = load.expand(group=plan())
+    loads >> build_models() >> check_data()
+
+
+opensearch_tasks()

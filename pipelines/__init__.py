@@ -1,1 +1,0 @@
-"""opensearch-tasks: Alibaba Cloud OpenSearch training-task history, loaded with dlt."""

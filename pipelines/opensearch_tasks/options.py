@@ -1,0 +1,352 @@
+"""Every run option, declared once: name, type, default, help; and how a value is found.
+
+The command line, ``RunConfig``, the dlt source's signature and the Airflow DAG all read this table,
+so an option cannot mean one thing in one place and another elsewhere. A value resolves the way dlt
+users expect (first found wins):
+
+1. the command-line flag (``--page-size 50``);
+2. the environment variable ``SOURCES__OPENSEARCH_TASKS__PAGE_SIZE``;
+3. ``[sources.opensearch_tasks]`` in ``.dlt/secrets.toml``, then ``.dlt/config.toml`` (the project's
+   ``.dlt`` folder: the current directory's, or ``$DLT_PROJECT_DIR``'s), then the same files in dlt's
+   global folder ``~/.dlt``;
+4. the default below.
+
+These are exactly the places and the order in which dlt resolves the source's own arguments, so the
+source embedded in a plain ``dlt.pipeline`` reads the same settings as the command. The lookup is done
+here, with ``tomllib``, rather than by dlt's providers, because ``report`` and ``models`` must start
+without importing dlt (about a second); a test checks that both lookups agree.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from opensearch_tasks.errors import UsageError
+from opensearch_tasks.settings import (
+    DEFAULT_PAGE_SIZE,
+    DEFAULT_REGION,
+    DEFAULT_STALE_AFTER_HOURS,
+    MAX_PAGE_SIZE,
+    PIPELINE_NAME,
+)
+
+SECTION = ("sources", "opensearch_tasks")
+ENV_PREFIX = "SOURCES__OPENSEARCH_TASKS__"
+DEFAULT_DUCKDB_PATH = "data/opensearch.duckdb"
+DEFAULT_PARQUET_MODELS_PATH = "data/opensearch_parquet.duckdb"  # the model views over Parquet
+
+
+def _integer(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError("expected an integer")
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, int):
+        return value
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        raise ValueError("expected an integer") from None
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError("expected a number")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError("expected a number") from None
+    if not math.isfinite(number):
+        raise ValueError("expected a finite number")
+    return number
+
+
+def _hours(value: Any) -> float:
+    try:
+        hours = _number(value)
+    except ValueError:
+        hours = -1.0
+    if not 0 <= hours <= 1e6:
+        raise ValueError("must be a number of hours >= 0")
+    return hours
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str | int | float) or isinstance(value, bool):
+        raise ValueError("expected a string")
+    text = str(value).strip()
+    if not text:
+        raise ValueError("expected a non-empty string")
+    return text
+
+
+def _text_list(value: Any) -> list[str]:
+    """A TOML list, a JSON list (as dlt reads list variables), or names separated by commas/spaces."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError:
+                raise ValueError('expected a JSON list such as ["my_app", "other_app/ctr"]') from None
+        else:
+            value = [item for item in text.replace(",", " ").split() if item]
+    if not isinstance(value, list | tuple) or not all(isinstance(item, str) for item in value):
+        raise ValueError("expected a list of strings")
+    return list(value)  # an empty or malformed name is left for the target parser to name
+
+
+def _between(low: float, high: float) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        return None if low <= value <= high else f"must be between {low:g} and {high:g}"
+
+    return check
+
+
+def _one_of(*choices: str) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        return None if value in choices else f"must be one of {', '.join(choices)}"
+
+    return check
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting of a run. ``source``: also an argument of the dlt source ``opensearch_tasks``."""
+
+    name: str
+    parse: Callable[[Any], Any]
+    default: Any
+    help: str
+    metavar: str | None = None
+    check: Callable[[Any], str | None] | None = None
+    source: bool = True
+    secret: bool = False  # never on the command line, never printed
+    commands: tuple[str, ...] = ("run",)
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env_var(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+    @property
+    def key(self) -> str:
+        return ".".join((*SECTION, self.name))
+
+    def validate(self, value: Any, origin: str) -> Any:
+        """The parsed value, or a UsageError naming the option, where it came from and what fits."""
+        if value is None:
+            return None
+        try:
+            parsed = self.parse(value)
+        except ValueError as error:
+            shown = "(hidden)" if self.secret else repr(value)
+            sep = " " if str(error).startswith("must") else ": "
+            raise UsageError(f"{origin}{sep}{error}, got {shown}") from None
+        problem = self.check(parsed) if self.check else None
+        if problem:
+            raise UsageError(f"{origin} {problem}, got {parsed!r}")
+        return parsed
+
+
+_DESTINATION_COMMANDS = ("run", "models", "alerts")
+
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "targets",
+        _text_list,
+        None,
+        "what to load: APP_GROUP[/FUNCTION[/INSTANCE]], missing parts discovered (flag repeatable)",
+        metavar="APP[/FUNCTION[/INSTANCE]]",
+    ),
+    Option(
+        "endpoint", _text, None, "explicit endpoint URL, e.g. http://127.0.0.1:8080 (else the region's)"
+    ),
+    Option("region", _text, DEFAULT_REGION, "region of opensearch.<region>.aliyuncs.com"),
+    Option(
+        "destination",
+        _text,
+        "duckdb",
+        "duckdb (a file) or parquet (a folder or s3://BUCKET/PREFIX)",
+        metavar="{duckdb,parquet}",
+        check=_one_of("duckdb", "parquet"),
+        source=False,
+        commands=_DESTINATION_COMMANDS,
+    ),
+    Option(
+        "duckdb_path",
+        _text,
+        None,
+        f"DuckDB file (default {DEFAULT_DUCKDB_PATH}); with parquet: the file holding the model "
+        f"views (default {DEFAULT_PARQUET_MODELS_PATH})",
+        metavar="FILE",
+        source=False,
+        commands=(*_DESTINATION_COMMANDS, "report", "sql", "demo"),
+    ),
+    Option(
+        "parquet_dir",
+        _text,
+        None,
+        "folder or s3://BUCKET/PREFIX for --destination parquet",
+        metavar="DIR",
+        source=False,
+        commands=_DESTINATION_COMMANDS,
+    ),
+    Option(
+        "page_size",
+        _integer,
+        DEFAULT_PAGE_SIZE,
+        "pageSize per request (the API's own default is 1)",
+        check=_between(1, MAX_PAGE_SIZE),
+    ),
+    Option(
+        "max_page_size",
+        _integer,
+        MAX_PAGE_SIZE,
+        "page size for deep histories, e.g. a first load",
+        check=_between(1, MAX_PAGE_SIZE),
+    ),
+    Option("workers", _integer, 8, "instances read concurrently", check=_between(1, 64)),
+    Option(
+        "processes",
+        _integer,
+        None,
+        "reading processes beside the loader (0: threads only; default: threads when embedded, "
+        "cores - 1 (at most 3) for the command)",
+        check=_between(0, 64),
+    ),
+    Option(
+        "stale_after_hours",
+        _hours,
+        DEFAULT_STALE_AFTER_HOURS,
+        "open tasks older than this stop being re-fetched, and the models flag them",
+        metavar="HOURS",
+        commands=("run", "models", "alerts"),
+    ),
+    Option(
+        "lookback_hours",
+        _hours,
+        0.0,
+        "re-read this much history before the cursor",
+        metavar="HOURS",
+    ),
+    Option("max_attempts", _integer, 6, "attempts per request", check=_between(1, 100)),
+    Option(
+        "read_timeout_ms",
+        _integer,
+        30_000,
+        "how long to wait for a response before retrying the request",
+        metavar="MS",
+        check=_between(100, 3_600_000),
+    ),
+    Option(
+        "pipeline_name", _text, PIPELINE_NAME, "dlt pipeline name (one per target set)", source=False
+    ),
+    Option(
+        "pipelines_dir",
+        _text,
+        None,
+        "dlt working folder (default: dlt's, ~/.dlt/pipelines)",
+        metavar="DIR",
+        source=False,
+    ),
+    Option("access_key_id", _text, None, "AccessKey id", secret=True, commands=()),
+    Option("access_key_secret", _text, None, "AccessKey secret", secret=True, commands=()),
+    Option("security_token", _text, None, "STS security token", secret=True, commands=()),
+)
+
+BY_NAME: dict[str, Option] = {option.name: option for option in OPTIONS}
+SOURCE_OPTIONS: tuple[str, ...] = tuple(o.name for o in OPTIONS if o.source and not o.secret)
+CREDENTIAL_OPTIONS: tuple[str, ...] = tuple(o.name for o in OPTIONS if o.secret)
+
+
+def default(name: str) -> Any:
+    """The declared default of an option (``RunConfig`` and the source's signature use it)."""
+    return BY_NAME[name].default
+
+
+def for_command(command: str) -> list[Option]:
+    return [option for option in OPTIONS if command in option.commands]
+
+
+# --- where values come from ------------------------------------------------------------------------
+
+
+def settings_files(environ: Mapping[str, str] | None = None) -> list[Path]:
+    """The TOML files dlt reads, highest priority first."""
+    environ = os.environ if environ is None else environ
+    project = Path(environ.get("DLT_PROJECT_DIR") or ".") / ".dlt"
+    global_dir = Path("~/.dlt").expanduser()
+    folders = [project] if project.resolve() == global_dir.resolve() else [project, global_dir]
+    return [folder / name for folder in folders for name in ("secrets.toml", "config.toml")]
+
+
+def _section_of(path: Path) -> Mapping[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            document = tomllib.load(handle)
+    except FileNotFoundError:
+        return {}
+    except (OSError, tomllib.TOMLDecodeError) as error:
+        raise UsageError(f"{path}: cannot read it as TOML: {error}") from None
+    node: Any = document
+    for part in SECTION:
+        node = node.get(part, {}) if isinstance(node, dict) else {}
+    return node if isinstance(node, dict) else {}
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """Resolved values, and where each came from (for messages that point at the right place)."""
+
+    values: dict[str, Any]
+    origins: dict[str, str]
+
+    def __getitem__(self, name: str) -> Any:
+        return self.values[name]
+
+
+def resolve(
+    flags: Mapping[str, Any] | None = None,
+    names: Iterable[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Resolved:
+    """Each option's value: flag, environment, secrets.toml, config.toml, default (first found).
+
+    ``flags`` holds what the caller was given explicitly (``None`` means not given).
+    """
+    flags = flags or {}
+    environ = os.environ if environ is None else environ
+    wanted = [BY_NAME[name] for name in names] if names is not None else list(OPTIONS)
+    files: list[tuple[Path, Mapping[str, Any]]] | None = None
+    values: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    for option in wanted:
+        if flags.get(option.name) is not None:
+            origin = option.flag
+            values[option.name] = option.validate(flags[option.name], origin)
+        elif environ.get(option.env_var, "") != "":
+            origin = f"environment variable {option.env_var}"
+            values[option.name] = option.validate(environ[option.env_var], origin)
+        else:
+            if files is None:
+                files = [(path, _section_of(path)) for path in settings_files(environ)]
+            found = next(((path, section) for path, section in files if option.name in section), None)
+            if found is None:
+                origin = "default"
+                values[option.name] = option.default
+            else:
+                origin = f"{option.key} in {found[0]}"
+                values[option.name] = option.validate(found[1][option.name], origin)
+        origins[option.name] = origin
+    return Resolved(values, origins)
