@@ -35,7 +35,7 @@ RESULTS = REPO / "benchmarks" / "results"
 # (category, markers): a marker is a substring of a frame "function (file:line)".
 LOADER_CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("imports (module loading)", ("_find_and_load", "_call_with_frames_removed")),
-    ("models (pipelines/models.py)", ("pipelines/models.py",)),
+    ("models (opensearch_tasks/models.py)", ("opensearch_tasks/models.py",)),
     ("signing (tea get_authorization / credentials)", ("get_authorization", "alibabacloud_credentials")),
     (
         "HTTP transport (requests/urllib3/socket)",

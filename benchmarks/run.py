@@ -1,4 +1,4 @@
-"""The performance suite of issue 6: backfill, baseline, network, no-op, memory and models.
+"""The loader's performance suite: backfill, baseline, network, no-op, memory and models.
 
 Usage::
 

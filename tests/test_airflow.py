@@ -354,7 +354,7 @@ def test_data_checks_fail_loudly_and_name_every_problem(
     # `airflow tasks test` exits 0 even when the task fails: read the task's outcome instead
     assert "new_state=failed" in output, output[-4000:]
     # the duplicate shows in staging too: the models were built over a table with one row per task,
-    # so staging reads rows as they are until the next build (README, "Models")
+    # so staging reads rows as they are until the next build (README, "Query: the models")
     assert "AirflowFailException: 4 data check(s) failed" in output, output[-4000:]
     assert 'duplicate task keys in "opensearch_tasks"."function_tasks"' in output
     assert "duplicate task keys in analytics.stg_function_tasks" in output

@@ -133,10 +133,10 @@ def given(args: argparse.Namespace, command: str) -> dict[str, Any]:
     return {option.name: getattr(args, option.name, None) for option in options.for_command(command)}
 
 
-class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is now (tests swap it), not the one seen at set-up."""
 
-    @property  # type: ignore[override]
+    @property
     def stream(self) -> Any:
         return sys.stderr
 

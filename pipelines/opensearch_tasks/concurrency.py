@@ -31,7 +31,7 @@ import queue
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -153,7 +153,9 @@ class _Events:
             self.closed.set()
 
 
-def read_in_threads(reading: Reading, targets: Sequence[Target], workers: int) -> Iterator[Event]:
+def read_in_threads(
+    reading: Reading, targets: Sequence[Target], workers: int
+) -> Generator[Event, None, None]:
     """Every instance in a thread pool of this process (requests in flight <= ``workers``)."""
     events = _Events(workers * 2)
     pool = _start_threads(reading, _Dealer(targets), workers, events)
@@ -166,7 +168,7 @@ def read_in_threads(reading: Reading, targets: Sequence[Target], workers: int) -
 
 def read_in_processes(
     reading: Reading, targets: Sequence[Target], workers: int, processes: int
-) -> Iterator[Event]:
+) -> Generator[Event, None, None]:
     """Instances dealt one at a time to ``processes`` forked children and to this process,
     ``workers`` threads (requests in flight) in all.
 

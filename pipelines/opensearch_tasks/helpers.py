@@ -108,6 +108,7 @@ def read_instance(
     requests_before, retries_before = client.thread_counts()
     backfill = options.since_ms is not None or options.until_ms is not None
     clock_ms = now_ms()
+    window: int | None
     if options.since_ms is not None:
         window = options.since_ms
     else:

@@ -194,7 +194,7 @@ def source_has_one_row_per_task(
         f"where hash({keys}) in (select key_hash from repeated_hashes) "
         f"group by {keys} having count(*) > 1 limit 1)"
     ).fetchone()
-    return bool(row) and row[0] == 0
+    return row is not None and row[0] == 0
 
 
 def raw_view_sql(source_relation: str | None) -> str:

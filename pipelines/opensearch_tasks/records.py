@@ -82,7 +82,7 @@ class Target:
 
 
 def pick(item: Mapping[str, Any], camel: str, pascal: str, default: Any = None) -> Any:
-    """Read a field in either casing (the API documents both, see API_FACTS)."""
+    """Read a field in either casing (the API reference's own samples use camelCase, its generated examples PascalCase)."""
     value = item.get(camel)
     if value is None:
         value = item.get(pascal, default)
@@ -284,7 +284,7 @@ def _epoch_ms(
             converted = values if timed is values else [v if v > 0 else None for v in values]
             return converted, [False] * len(values)
     try:
-        converted = [to_epoch_ms(v) for v in values]
+        pairs = [to_epoch_ms(v) for v in values]
     except (TypeError, ValueError, OverflowError):
         for value, run_id in zip(values, run_ids, strict=True):
             try:
@@ -295,7 +295,7 @@ def _epoch_ms(
                     "the API sent something this connector cannot read (report it with the request id)"
                 ) from None
         raise
-    return [ms for ms, _ in converted], [was_s for _, was_s in converted]
+    return [ms for ms, _ in pairs], [was_s for _, was_s in pairs]
 
 
 def _progress(value: Any) -> int | None:

@@ -135,10 +135,10 @@ class RunConfig:
             resolve_endpoint(self.endpoint, self.region)
         except OpenSearchError as error:
             raise UsageError(str(error)) from None
-        for option, path in (("--duckdb-path", self.duckdb_path), ("--duckdb-path", self.models_path)):
+        for path in (self.duckdb_path, self.models_path):
             if path and Path(path).stem == DATASET_NAME:
                 raise UsageError(
-                    f"{option} {path}: a DuckDB file named like the dataset ({DATASET_NAME}) makes "
+                    f"--duckdb-path {path}: a DuckDB file named like the dataset ({DATASET_NAME}) makes "
                     f"'{DATASET_NAME}.function_tasks' ambiguous in DuckDB; choose another file name, "
                     "e.g. data/opensearch.duckdb"
                 )
@@ -187,13 +187,10 @@ def make_destination(config: RunConfig) -> Any:
         ensure_writable_dir(path.parent, "--duckdb-path")
         from dlt.destinations.impl.duckdb.configuration import DuckDbCredentials
 
-        # DuckDB takes up to 80 % of RAM by default and a 1M-task merge then peaks near 1.8 GB (471 MB
-        # at 128 MB, see README "Performance"); a
-        # loader beside other work (an Airflow worker) should not. Past the limit DuckDB spills to disk.
-        # Insertion order is not kept: no model reads rows in file order (each ranks by its keys),
-        # and it lets a second thread help: the same 1M-task package loaded 6.0 -> 4.3-5.0 s as a
-        # first load (append) and 12.1 -> 7.4 s as a merge, load-phase peak +15 MB. With the order
-        # kept, a second thread gained nothing.
+        # DuckDB takes up to 80 % of RAM by default, and a large merge takes what it is given; a
+        # loader beside other work (an Airflow worker) should not. Past the limit DuckDB spills to
+        # disk. Insertion order is not kept: no model reads rows in file order (each ranks by its
+        # keys), and that is what lets a second thread speed the load up (benchmarks/README.md).
         limits = {
             "memory_limit": config.duckdb_memory_limit,
             "threads": config.duckdb_threads,
@@ -323,11 +320,12 @@ def remove_duplicate_rows(duckdb_path: str, memory_limit: str = "128MB") -> int:
     with duckdb.connect(duckdb_path, config={"memory_limit": memory_limit, "threads": 1}) as con:
         if not duckdb_table_exists(con, DATASET_NAME, TABLE_NAME):
             return 0
-        removed = con.execute(
+        deleted = con.execute(
             f"delete from {table} where rowid in (select rowid from (select rowid, row_number() "
             f"over (partition by {keys} order by fetched_at desc) as copy_number from {table}) "
             "where copy_number > 1)"
-        ).fetchone()[0]
+        ).fetchone()
+        removed = deleted[0] if deleted else 0
     if removed:
         logger.warning("removed %d duplicate rows left by an interrupted load", removed)
     return int(removed)

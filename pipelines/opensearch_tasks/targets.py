@@ -38,7 +38,7 @@ def parse_target(text: str) -> TargetSpec:
             f"invalid target {text!r}: unknown function {names[1]!r}; "
             f"expected one of {', '.join(KNOWN_FUNCTIONS)}"
         )
-    return TargetSpec(*names)  # type: ignore[arg-type]
+    return TargetSpec(*names)
 
 
 def parse_targets(texts: Iterable[str] | str) -> list[TargetSpec]:

@@ -115,6 +115,7 @@ class FaultState:
     def decide(self) -> str | None:
         """The fault for the next in-scope data request (None: answer normally)."""
         plan = self.plan
+        kind: str | None
         with self._lock:
             if self._queue:
                 kind = self._queue.pop()

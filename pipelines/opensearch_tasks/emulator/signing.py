@@ -202,7 +202,7 @@ class Verifier:
                 "IncompleteSignature",
                 f"Headers must be signed: {', '.join(sorted(missing | unsigned))}.",
             )
-        _check_fresh_iso(headers.get("x-acs-date", ""))
+        _check_fresh_iso(headers.get("x-acs-date") or "")
         payload_hash = headers.get("x-acs-content-sha256", "")
         if payload_hash != hashlib.sha256(body).hexdigest():
             raise AuthError(400, "SignatureDoesNotMatch", "The content hash does not match.")
@@ -245,9 +245,9 @@ class Verifier:
         head = "\n".join(
             (
                 method,
-                headers.get("accept", ""),
-                headers.get("content-md5", ""),
-                headers.get("content-type", ""),
+                (headers.get("accept") or ""),
+                (headers.get("content-md5") or ""),
+                (headers.get("content-type") or ""),
                 date,
             )
         )

@@ -197,7 +197,7 @@ class World:
 
     def truth(self, targets: list[Target] | None = None) -> list[dict[str, object]]:
         """Current state of every visible task (ordered by target, then start time)."""
-        rows = []
+        rows: list[dict[str, object]] = []
         now = self.now_ms
         for target in targets if targets is not None else self.instances:
             inst = self.instances[target]
