@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 
@@ -89,6 +89,156 @@ def detect_unit(client: OpenSearchClient, target: Target) -> str:
     return "ms"
 
 
+def window_start(cursor: InstanceCursor, options: ReadOptions, clock_ms: int) -> int | None:
+    """The ``startTime`` this read asks from (epoch ms): a backfill's own start, else the cursor's
+    window (its newest start, held back by open tasks younger than the stale horizon and by the
+    lookback); None reads everything (a first load)."""
+    if options.since_ms is not None:
+        return options.since_ms
+    return cursor.window_start_ms(clock_ms, options.stale_after_ms, options.lookback_ms)
+
+
+Step = Literal["next", "done", "capped", "deep"]
+
+
+@dataclass
+class Paging:
+    """Which page to ask for next, with which size: the paging policy of one instance.
+
+    Incremental reads use the configured page size; a first load or a backfill (a deep history)
+    uses the large one. Newest-first page numbers shift when tasks start while we page, so a
+    listing seen growing switches to large pages from a page that overlaps what was read; a server
+    that caps the large size is read again with the configured one; and a listing that grows faster
+    than it can be read fails after a bounded number of requests instead of paging forever.
+    """
+
+    options: ReadOptions
+    size: int
+    can_grow: bool
+    page_number: int = 0
+    pages_read: int = 0
+    first_total: int | None = None
+    last_total: int | None = None
+
+    @classmethod
+    def start(cls, options: ReadOptions, cursor: InstanceCursor) -> Paging:
+        can_grow = options.max_page_size > options.page_size
+        if can_grow and (cursor.max_start_ms is None or options.since_ms is not None):
+            return cls(options, options.max_page_size, can_grow=False)  # a deep read from the start
+        return cls(options, options.page_size, can_grow)
+
+    def next_request(self) -> tuple[int, int]:
+        """(pageNumber, pageSize) of the next request; ListingError once past the budget."""
+        self.page_number += 1
+        self.pages_read += 1
+        if self.first_total is not None and self.pages_read > _page_budget(
+            self.first_total, self.options.page_size
+        ):
+            raise ListingError(
+                f"the task listing grew faster than it could be read ({self.pages_read - 1} pages, "
+                f"from {self.first_total} to {self.last_total} tasks); use a larger --page-size / "
+                "--max-page-size (this instance keeps its cursor)"
+            )
+        return self.page_number, self.size
+
+    def count(self, total: int | None) -> bool:
+        """Note a page's ``totalCount``; True when the listing grew since the previous page."""
+        if self.first_total is None:
+            self.first_total = total
+        growing = total is not None and self.last_total is not None and total > self.last_total
+        self.last_total = total
+        return growing
+
+    def after_page(self, items: int, seen: int, shifted: bool) -> Step:
+        """What follows a page of ``items`` tasks, ``seen`` distinct tasks read so far, and
+        ``shifted``: whether the listing moved under us while it was read."""
+        options = self.options
+        if items < self.size:
+            if (
+                self.first_total is not None
+                and seen < self.first_total
+                and self.size != options.page_size
+            ):
+                # Fewer tasks than the server counted: it capped the larger page size. Read again
+                # with the configured size (already-kept rows are skipped as seen).
+                self.size, self.can_grow, self.page_number = options.page_size, False, 0
+                return "capped"
+            return "done"
+        if self.can_grow and self.page_number == 1 and (self.last_total or 0) > self.size:
+            # A deep history: read it with large pages (an incremental run never gets here, its
+            # first page is short). Page 1 is read again as part of the first large page.
+            self.size, self.can_grow, self.page_number = options.max_page_size, False, 0
+            return "deep"
+        if shifted and self.size < options.max_page_size:
+            # Tasks start faster than small pages advance: read on with large pages, from a page
+            # that overlaps what was read (overlapping tasks are skipped as seen).
+            read_up_to = self.page_number * self.size
+            self.size, self.can_grow = options.max_page_size, False
+            self.page_number = read_up_to // self.size
+            return "next"
+        if self.last_total is not None and self.page_number * self.size >= self.last_total + self.size:
+            return "done"  # defensive: never page past what the server says exists
+        return "next"
+
+
+@dataclass
+class RowSelection:
+    """Which rows of each page are kept, and what every row tells the cursor.
+
+    A task is kept once per read: a run id seen on an earlier page is skipped (the page shifted
+    under us; the first read wins) unless that page is being read again on purpose (``reread``).
+    Rows outside the window (a server that ignored the filter) or the backfill's end are dropped;
+    a task the cursor already holds as finished is not written again.
+    """
+
+    cursor: InstanceCursor
+    options: ReadOptions
+    window: int | None
+    update: CursorUpdate
+    report: InstanceReport
+    seen: set[str] = field(default_factory=set)
+    reread: set[str] = field(default_factory=set)
+
+    @property
+    def backfill(self) -> bool:
+        return self.options.since_ms is not None or self.options.until_ms is not None
+
+    def read_again(self) -> None:
+        """The next pages repeat rows already kept: not drift."""
+        self.reread = set(self.seen)
+
+    def keep(self, page: Any) -> list[int]:
+        """Indexes of the page's rows to write."""
+        cursor, options, report = self.cursor, self.options, self.report
+        keep: list[int] = []
+        for index, run_id in enumerate(page.run_id):
+            if run_id in self.seen:
+                if run_id in self.reread:
+                    self.reread.discard(run_id)
+                else:  # the page shifted under us (tasks started while we paged): first read wins
+                    report.duplicates_skipped += 1
+                continue
+            self.seen.add(run_id)
+            start_ms, status = page.start_ms[index], page.status[index]
+            if start_ms is not None:
+                if self.window is not None and start_ms < self.window:
+                    continue  # a lenient server ignored the filter
+                if options.until_ms is not None and start_ms >= options.until_ms:
+                    continue
+            if not self.backfill:
+                self.update.see(run_id, start_ms, status, page.seconds[index])
+            if status == "running":
+                report.running += 1
+            if not self.backfill and not options.lookback_ms and cursor.is_known_final(run_id, start_ms):
+                continue
+            if cursor.is_new(run_id, start_ms):
+                report.new += 1
+            elif run_id in cursor.open:
+                report.updated += 1
+            keep.append(index)
+        return keep
+
+
 def read_instance(
     client: OpenSearchClient,
     target: Target,
@@ -106,118 +256,51 @@ def read_instance(
     report = InstanceReport(target)
     started = time.perf_counter()
     requests_before, retries_before = client.thread_counts()
-    backfill = options.since_ms is not None or options.until_ms is not None
     clock_ms = now_ms()
-    window: int | None
-    if options.since_ms is not None:
-        window = options.since_ms
-    else:
-        window = cursor.window_start_ms(clock_ms, options.stale_after_ms, options.lookback_ms)
+    window = window_start(cursor, options, clock_ms)
     unit = cursor.unit
     if window is not None and unit is None:
         unit = detect_unit(client, target)
-    start_filter = to_filter_value(window, unit) if window is not None else None
     update = CursorUpdate(cursor)
     if unit is not None:
         update.unit = unit
+    start_filter = to_filter_value(window, unit) if window is not None else None
+    selection = RowSelection(cursor, options, window, update, report)
+    paging = Paging.start(options, cursor)
     fetched_at_us = int(time.time() * 1_000_000)
-    seen: set[str] = set()
-    reread: set[str] = set()  # page 1, read again after the page size grew (not drift)
     batch = TaskBatch(kinds, target, fetched_at_us)
-    size, can_grow, first_total = options.page_size, options.max_page_size > options.page_size, None
-    if can_grow and (cursor.max_start_ms is None or options.since_ms is not None):
-        size, can_grow = options.max_page_size, False  # a first load or a backfill: a deep read
-    page_number = pages_read = 0
-    last_total: int | None = None
     while True:
-        page_number += 1
-        pages_read += 1
-        if first_total is not None and pages_read > _page_budget(first_total, options.page_size):
-            raise ListingError(
-                f"the task listing grew faster than it could be read ({pages_read - 1} pages, from "
-                f"{first_total} to {last_total} tasks); use a larger --page-size / --max-page-size "
-                "(this instance keeps its cursor)"
-            )
+        page_number, size = paging.next_request()
         body = list_tasks_page(client, target, page_number, size, start_filter)
         items = result_items(body)
-        total = total_count(body)
-        if first_total is None:
-            first_total = total
+        growing = paging.count(total_count(body))
         page = read_page(items, target)
-        shifted_before = report.duplicates_skipped
-        growing = total is not None and last_total is not None and total > last_total
-        last_total = total
-        keep: list[int] = []
-        for index, run_id in enumerate(page.run_id):
-            if run_id in seen:
-                if run_id in reread:
-                    reread.discard(run_id)
-                else:  # the page shifted under us (tasks started while we paged): first read wins
-                    report.duplicates_skipped += 1
-                continue
-            seen.add(run_id)
-            start_ms, status = page.start_ms[index], page.status[index]
-            if start_ms is not None:
-                if window is not None and start_ms < window:
-                    continue  # a lenient server ignored the filter
-                if options.until_ms is not None and start_ms >= options.until_ms:
-                    continue
-            if not backfill:
-                update.see(run_id, start_ms, status, page.seconds[index])
-            if status == "running":
-                report.running += 1
-            if not backfill and not options.lookback_ms and cursor.is_known_final(run_id, start_ms):
-                continue
-            if cursor.is_new(run_id, start_ms):
-                report.new += 1
-            elif run_id in cursor.open:
-                report.updated += 1
-            keep.append(index)
+        skipped_before = report.duplicates_skipped
+        batch.add_page(page, selection.keep(page))
         if not report.seconds_unit and any(page.seconds):
             report.seconds_unit = True
             logger.warning("%s: timestamps are in seconds; converting to milliseconds", target)
-        batch.add_page(page, keep)
         if len(batch) >= options.batch_rows:
             report.rows_written += len(batch)
             # the batch's Python rows are freed before emit, which may wait for a full queue
             table, batch = batch.to_arrow(), TaskBatch(kinds, target, fetched_at_us)
             emit(table)
-        if len(items) < size:
-            if first_total is not None and len(seen) < first_total and size != options.page_size:
-                # Fewer tasks than the server counted: it capped the larger page size. Read again
-                # with the configured size (already-kept rows are skipped as seen).
-                logger.warning(
-                    "%s: server returned short pages of %d; paging by %d",
-                    target,
-                    len(items),
-                    options.page_size,
-                )
-                size, can_grow, page_number = options.page_size, False, 0
-                reread = set(seen)
-                continue
+        shifted = growing or report.duplicates_skipped > skipped_before
+        step = paging.after_page(len(items), len(selection.seen), shifted)
+        if step == "done":
             break
-        if can_grow and page_number == 1 and total is not None and total > size:
-            # A deep history: read it with large pages (an incremental run never gets here, its
-            # first page is short). Page 1 is read again as part of the first large page.
-            reread = set(seen)
-            size, can_grow, page_number = options.max_page_size, False, 0
-            continue
-        shifted = growing or report.duplicates_skipped > shifted_before
-        if shifted and size < options.max_page_size:
-            # Tasks start faster than small pages advance: read on with large pages, from a page
-            # that overlaps what was read (overlapping tasks are skipped as seen).
-            read_up_to = page_number * size
-            size, can_grow = options.max_page_size, False
-            page_number = read_up_to // size
-            continue
-        if total is not None and page_number * size >= total + size:
-            break  # defensive: never page past what the server says exists
+        if step == "capped":
+            logger.warning(
+                "%s: server returned short pages of %d; paging by %d", target, len(items), paging.size
+            )
+        if step in ("capped", "deep"):
+            selection.read_again()
     if len(batch):
         report.rows_written += len(batch)
         table = batch.to_arrow()
         del batch
         emit(table)
-    if not backfill:
+    if not selection.backfill:
         report.cursor, report.went_stale = update.result(clock_ms, options.stale_after_ms)
     requests_after, retries_after = client.thread_counts()
     report.requests = requests_after - requests_before
