@@ -50,11 +50,16 @@ def run_demo(duckdb_path: str) -> int:
         config.build_models = True
         result = run(config)
         print(format_summary(result))
-        truth = len(emu.truth())
+        truth = {(t["app_group"], t["function_name"], t["instance_name"], t["run_id"]) for t in emu.truth()}
 
     with duckdb.connect(duckdb_path, read_only=True) as con:
-        rows = con.execute("select count(*) from opensearch_tasks.function_tasks").fetchone()
-        print(f"\n== {rows[0] if rows else 0} task rows loaded; the emulator holds {truth} tasks")
+        keys = con.execute(
+            "select app_group, function_name, instance_name, run_id from opensearch_tasks.function_tasks"
+        ).fetchall()
+        print(f"\n== {len(keys)} task rows loaded; the emulator holds {len(truth)} tasks")
+        if len(keys) != len(truth) or set(keys) != truth:  # the demo is also CI's first check
+            print("error: the loaded tasks differ from the emulator's", file=sys.stderr)
+            return 1
         print(f"== models: {', '.join(result.models)}\n")
         print(render_report(con))
     print(f"\ndemo finished in {time.perf_counter() - started:.1f}s; query it with:")
