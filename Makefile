@@ -37,6 +37,11 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	$(PY) benchmarks/run.py --quick $(BENCH_ARGS)
 
+# Start-up of the command (--help, report, models, a no-op run), e.g. against older code:
+# make bench-startup BENCH_ARGS="--before 027056b".
+bench-startup: $(STAMP)
+	$(PY) benchmarks/startup.py $(BENCH_ARGS)
+
 soak: $(STAMP)
 	SOAK_RUNS=100 $(BIN)/pytest tests/test_soak.py
 

@@ -258,10 +258,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
-    from opensearch_tasks.report import render_query
+    from opensearch_tasks.report import print_query
 
     with _models_connection(args, "sql") as con:
-        print(render_query(con, args.query))
+        print_query(con, args.query)
     return 0
 
 

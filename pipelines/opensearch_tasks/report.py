@@ -13,6 +13,7 @@ Plain fixed-width text (no rich tables) so it reads the same in a terminal, a lo
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -219,16 +220,19 @@ def print_report(duckdb_path: str | Path, *, filesystem: Any | None = None) -> N
         print(render_report(con))
 
 
-def render_query(con: duckdb.DuckDBPyConnection, query: str, max_rows: int = 40) -> str:
-    """One query's result as DuckDB's own box table (``opensearch-tasks sql``)."""
+def print_query(con: duckdb.DuckDBPyConnection, query: str, max_rows: int = 100) -> None:
+    """One query's result as DuckDB's own box table (``opensearch-tasks sql``): as wide as the
+    terminal, or every column when the output goes to a file or a pipe."""
     try:
         relation = con.sql(query)
     except duckdb.Error as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UsageError(f"the query failed: {first}") from None
     if relation is None:  # a statement without a result (e.g. SET)
-        return "ok"
-    return str(relation.limit(max_rows) if max_rows else relation)
+        print("ok")
+        return
+    width = shutil.get_terminal_size().columns if sys.stdout.isatty() else 100_000
+    relation.show(max_width=width, max_rows=max_rows, max_col_width=width)
 
 
 # --- the run's summary ------------------------------------------------------------------------------
