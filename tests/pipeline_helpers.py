@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import duckdb
+from dlt.common.normalizers.naming.snake_case import NamingConvention
 from opensearch_tasks.runner import RunConfig, RunResult, run
 
 AK = "pipeline-test-ak"
@@ -21,6 +23,7 @@ COMPARED = (
     "extend_info",
 )
 KEY = ("app_group", "function_name", "instance_name", "run_id")
+_NAMING = NamingConvention()
 
 
 def config_for(emu: Any, tmp_path: Path, **overrides: Any) -> RunConfig:
@@ -84,6 +87,7 @@ def by_key(rows: list[dict[str, Any]]) -> dict[tuple[str, ...], dict[str, Any]]:
 
 
 def assert_equals_truth(rows: list[dict[str, Any]], emu: Any) -> None:
+    """One row per task of the emulator, with its fields and its flattened ``extendInfo``."""
     loaded, truth = by_key(rows), truth_by_key(emu)
     missing = truth.keys() - loaded.keys()
     extra = loaded.keys() - truth.keys()
@@ -93,3 +97,74 @@ def assert_equals_truth(rows: list[dict[str, Any]], emu: Any) -> None:
     assert not wrong, (
         f"{len(wrong)} rows differ, e.g. {wrong[0]}: {loaded[wrong[0]]} != {truth[wrong[0]]}"
     )
+    full = {tuple(row[k] for k in KEY): row for row in rows}
+    problems = [
+        f"{key}: {problem}"
+        for key, fields in truth.items()
+        for problem in flattening_problems(full[key], fields["extend_info"])
+    ]
+    assert not problems, f"{len(problems)} flattening differences, e.g. {problems[:3]}"
+
+
+def expected_flattening(raw: str | None) -> dict[str, Any] | None:
+    """``extendInfo`` as the README promises to flatten it, computed here without the product's
+    code: nested objects join their keys with ``__`` (dlt's snake_case names), lists are JSON text,
+    nulls and empty objects give nothing. None when it is not a JSON object (malformed)."""
+    if raw is None:
+        return {}
+    try:
+        parsed = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(parsed, dict):
+        return None
+    flat: dict[str, Any] = {}
+
+    def walk(obj: dict[str, Any], prefix: str) -> None:
+        for key, value in obj.items():
+            try:
+                name = _NAMING.normalize_identifier(str(key)) or "_"
+            except ValueError:
+                name = "_"
+            column = f"{prefix}__{name}"
+            if isinstance(value, dict):
+                walk(value, column)
+            elif value is not None:
+                flat[column] = value
+
+    walk(parsed, "extend_info")
+    return flat
+
+
+def flattening_problems(row: dict[str, Any], raw: str | None) -> list[str]:
+    """What differs between a loaded row's ``extend_info__*`` columns and its raw ``extendInfo``.
+
+    A value may sit in its column or, when that column has another type, in a ``__v_<type>``
+    variant of it; every other flattened column of the row must be empty."""
+    expected = expected_flattening(raw)
+    if expected is None:
+        return [] if row["is_extend_info_malformed"] else ["malformed extendInfo not flagged"]
+    problems = [] if not row["is_extend_info_malformed"] else ["well-formed extendInfo flagged"]
+    filled = {
+        column: value
+        for column, value in row.items()
+        if column.startswith("extend_info__") and value is not None and value == value  # not NaN
+    }
+    for column, value in expected.items():
+        candidates = [c for c in filled if c == column or c.startswith(column + "__v_")]
+        if not any(_same_value(filled[c], value) for c in candidates):
+            problems.append(f"{column}: expected {value!r}, loaded {[filled[c] for c in candidates]}")
+        for c in candidates:
+            filled.pop(c)
+    problems += [f"{column}: unexpected value {value!r}" for column, value in filled.items()]
+    return problems
+
+
+def _same_value(loaded: Any, value: Any) -> bool:
+    if isinstance(value, list):
+        return isinstance(loaded, str) and json.loads(loaded) == value
+    if isinstance(value, bool) or isinstance(loaded, bool):
+        return type(loaded) is type(value) and loaded == value
+    if isinstance(value, int | float):
+        return isinstance(loaded, int | float) and float(loaded) == float(value)
+    return loaded == value
