@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -147,15 +148,87 @@ def _check_load_ids(
     assert_equals_truth(parquet_newest_rows(str(lake)), emu)
 
 
-def test_noop_rerun_costs_one_request_per_instance(make_emulator, tmp_path):
-    emu = make_emulator(keys={AK: SECRET}, **SMALL)
-    config = config_for(emu, tmp_path)
+def _expected_start_filters(truth: list[dict[str, Any]], stale_after_hours: float) -> dict[Any, int]:
+    """Per instance, the ``startTime`` a rerun must send, from the emulator's own rows: one ms
+    before the oldest of (the newest start, the start of each task still running and younger
+    than the stale horizon)."""
+    horizon = time.time() * 1000 - stale_after_hours * 3_600_000
+    by_instance: dict[Any, list[dict[str, Any]]] = {}
+    for row in truth:
+        by_instance.setdefault(
+            (row["app_group"], row["function_name"], row["instance_name"]), []
+        ).append(row)
+    expected = {}
+    for target, rows in by_instance.items():
+        window = max(row["start_time_ms"] for row in rows)
+        for row in rows:
+            if row["status"] == "running" and row["start_time_ms"] >= horizon:
+                window = min(window, row["start_time_ms"])
+        expected[target] = window - 1
+    return expected
+
+
+def _task_listings(emu: Any) -> dict[Any, list[Any]]:
+    requests: dict[Any, list[Any]] = {}
+    for record in emu.requests:
+        if record.action == "ListFunctionTasks":
+            requests.setdefault(tuple(record.target), []).append(record)
+    return requests
+
+
+def test_reruns_ask_each_instance_only_for_what_can_have_changed(make_emulator, tmp_path):
+    """Instances deeper than a page, each with a running task: a rerun sends each instance's own
+    ``startTime`` (its newest start, held back by its open tasks), and reads nothing else."""
+    emu = make_emulator(
+        keys={AK: SECRET},
+        app_groups=1,
+        functions_per_group=2,
+        instances_per_function=2,
+        tasks_per_instance=120,
+    )
+    config = config_for(emu, tmp_path, page_size=10, max_page_size=25, stale_after_hours=24 * 60)
     run_ok(config)
-    result = run_ok(config)
-    for instance in result.report.instances:
-        open_tasks = instance.running
-        if open_tasks == 0:
-            assert instance.requests == 1, instance
+    first = _task_listings(emu)
+    assert all(len(requests) > 2 for requests in first.values()), "every instance spans several pages"
+    assert all("startTime" not in requests[-1].query for requests in first.values())  # full history
+
+    truth = emu.truth()
+    expected = _expected_start_filters(truth, config.stale_after_hours)
+    newest = {
+        t: max(
+            r["start_time_ms"]
+            for r in truth
+            if (r["app_group"], r["function_name"], r["instance_name"]) == t
+        )
+        for t in expected
+    }
+    assert any(expected[t] < newest[t] - 1 for t in expected), "some running task holds a window back"
+
+    emu.reset_requests()
+    noop = run_ok(config)
+    reread = _task_listings(emu)
+    assert reread.keys() == expected.keys()
+    for target, requests in reread.items():
+        assert int(requests[0].query["startTime"]) == expected[target], target
+        assert requests[0].query["pageSize"] == "10"
+        in_window = sum(
+            1
+            for r in truth
+            if (r["app_group"], r["function_name"], r["instance_name"]) == target
+            and r["start_time_ms"] > expected[target]
+        )
+        if in_window < 10:
+            assert len(requests) == 1, (target, [r.query for r in requests])
+    assert sum(r.new for r in noop.report.instances) == 0
+    assert_equals_truth(duckdb_rows(config.duckdb_path), emu)
+
+    emu.advance(hours=6)  # running tasks finish, new ones start
+    emu.reset_requests()
+    incremental = run_ok(config)
+    for target, requests in _task_listings(emu).items():
+        assert int(requests[0].query["startTime"]) == expected[target], target
+    assert sum(r.new for r in incremental.report.instances) == len(emu.truth()) - len(truth)
+    assert_equals_truth(duckdb_rows(config.duckdb_path), emu)
 
 
 def test_camel_and_pascal_bodies_give_identical_tables(make_emulator, tmp_path):
