@@ -8,7 +8,7 @@ users expect (first found wins):
 2. the environment variable ``SOURCES__OPENSEARCH_TASKS__PAGE_SIZE``;
 3. ``[sources.opensearch_tasks]`` in ``.dlt/secrets.toml``, then ``.dlt/config.toml`` (the project's
    ``.dlt`` folder: the current directory's, or ``$DLT_PROJECT_DIR``'s), then the same files in dlt's
-   global folder ``~/.dlt``;
+   global folder (``~/.dlt``; ``/var/dlt`` for root); secrets only ever from ``secrets.toml``;
 4. the default below.
 
 These are exactly the places and the order in which dlt resolves the source's own arguments, so the
@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -256,7 +257,7 @@ OPTIONS: tuple[Option, ...] = (
         "pipelines_dir",
         _text,
         None,
-        "dlt working folder (default: dlt's, ~/.dlt/pipelines)",
+        "dlt working folder (default: dlt's, pipelines/ in its global folder)",
         metavar="DIR",
         source=False,
     ),
@@ -282,11 +283,26 @@ def for_command(command: str) -> list[Option]:
 # --- where values come from ------------------------------------------------------------------------
 
 
+def dlt_global_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """dlt's global folder, by dlt's own rules (``dlt.common.runtime.run_context.global_dir``):
+    ``/var/dlt`` for root, else ``$XDG_DATA_HOME/dlt`` when set and ``~/.dlt`` does not exist,
+    else ``~/.dlt`` (a temporary folder when the home folder is not writable)."""
+    environ = os.environ if environ is None else environ
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        return Path("/var/dlt")
+    home = Path(environ.get("HOME") or "~").expanduser()
+    if not os.access(home, os.W_OK):
+        return Path(tempfile.gettempdir()) / "dlt"
+    if environ.get("XDG_DATA_HOME") and not (home / ".dlt").is_dir():
+        return Path(environ["XDG_DATA_HOME"]) / "dlt"
+    return home / ".dlt"
+
+
 def settings_files(environ: Mapping[str, str] | None = None) -> list[Path]:
     """The TOML files dlt reads, highest priority first."""
     environ = os.environ if environ is None else environ
     project = Path(environ.get("DLT_PROJECT_DIR") or ".") / ".dlt"
-    global_dir = Path("~/.dlt").expanduser()
+    global_dir = dlt_global_dir(environ)
     folders = [project] if project.resolve() == global_dir.resolve() else [project, global_dir]
     return [folder / name for folder in folders for name in ("secrets.toml", "config.toml")]
 
@@ -341,7 +357,16 @@ def resolve(
         else:
             if files is None:
                 files = [(path, _section_of(path)) for path in settings_files(environ)]
-            found = next(((path, section) for path, section in files if option.name in section), None)
+            candidates = [(path, section) for path, section in files if option.name in section]
+            if option.secret:  # as dlt: a secret is read from secrets.toml only
+                misplaced = [path for path, _ in candidates if path.name != "secrets.toml"]
+                candidates = [c for c in candidates if c[0].name == "secrets.toml"]
+                if misplaced and not candidates:
+                    raise UsageError(
+                        f"{option.key} in {misplaced[0]}: a secret does not belong in config.toml "
+                        "(dlt refuses it there too); move it to .dlt/secrets.toml"
+                    )
+            found = candidates[0] if candidates else None
             if found is None:
                 origin = "default"
                 values[option.name] = option.default
