@@ -8,6 +8,7 @@ the SDK's own signing helper and sends with ``requests``.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import subprocess
 import sys
 import threading
@@ -583,11 +584,13 @@ def test_drop_truncate_and_error_in_200(emulator: Emulator) -> None:
 def test_stall_blocks_only_its_own_connection(emulator: Emulator) -> None:
     path = tasks_path(*emulator.targets()[0])
     emulator.set_faults(FaultPlan(script=("stall",), stall_seconds=2.0))
-    started = time.monotonic()
     with pytest.raises(requests.Timeout):
         requests.get(emulator.url + path, headers=sdk_signed_headers(emulator, path, {}), timeout=0.3)
     ok = requests.get(emulator.url + path, headers=sdk_signed_headers(emulator, path, {}), timeout=2)
-    assert ok.status_code == 200 and time.monotonic() - started < 1.5
+    assert ok.status_code == 200
+    # answered while the stalled request still waits: its record is not there yet
+    assert [record.fault for record in emulator.requests][-1:] == [None]
+    assert "stall" not in {record.fault for record in emulator.requests}
 
 
 def test_latency_does_not_serialise_concurrent_clients(make_emulator: Any) -> None:
@@ -601,15 +604,16 @@ def test_latency_does_not_serialise_concurrent_clients(make_emulator: Any) -> No
             headers = sign_acs3("GET", path, {}, emu.endpoint, TEST_AK, TEST_SECRET)
             statuses.append(session.get(emu.url + path, headers=headers, timeout=5).status_code)
 
-    started = time.monotonic()
     threads = [threading.Thread(target=client) for _ in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    elapsed = time.monotonic() - started
     assert statuses == [200] * 40
-    assert 0.25 <= elapsed < 1.2  # serial would take 2 s
+    # Answered one after another, every two answers would be at least 50 ms apart.
+    answered = sorted(record.wall_time for record in emu.requests)
+    gaps = [later - earlier for earlier, later in itertools.pairwise(answered)]
+    assert min(gaps) < 0.025, f"answers never overlapped: smallest gap {min(gaps) * 1000:.0f} ms"
 
 
 def test_faults_are_deterministic_and_scoped(make_emulator: Any) -> None:
@@ -742,26 +746,3 @@ def test_stop_closes_keep_alive_connections(make_emulator: Any) -> None:
     emu.stop()
     with pytest.raises(requests.ConnectionError):
         session.get(emu.url + "/_emulator/health", timeout=2)
-
-
-def test_no_delayed_ack_stall_on_keep_alive(make_emulator: Any) -> None:
-    """100-task pages over one keep-alive connection stay far from the 44 ms/page stall."""
-    emu = make_emulator(tasks_per_instance=3000)
-    path = tasks_path(*emu.targets()[0])
-    session = requests.Session()
-    session.trust_env = False
-
-    def get(page: int) -> None:
-        query = {"pageSize": "100", "pageNumber": str(page)}
-        headers = sign_acs3("GET", path, query, emu.endpoint, TEST_AK, TEST_SECRET)
-        resp = session.get(f"{emu.url}{path}?{urlencode(query)}", headers=headers, timeout=5)
-        assert resp.status_code == 200 and len(resp.content) > 20_000
-
-    for page in range(1, 21):
-        get(page)
-    started = time.perf_counter()
-    for k in range(200):
-        get(1 + k % 20)
-    rate = 200 / (time.perf_counter() - started)
-    print(f"emulator: {rate:.0f} signed 100-task pages/s (client in the same process)")
-    assert rate > 150

@@ -372,11 +372,13 @@ def test_reading_order_starts_with_every_function_and_keeps_each_functions_order
         ]
 
 
-@given(workers=st.integers(2, 64), processes=st.integers(1, 8))
-def test_reading_threads_add_up_to_the_workers(workers, processes):
+@given(st.data())
+def test_reading_threads_add_up_to_the_workers(data):
     """``--workers`` is the number of requests in flight: children and loader share it exactly, and
-    the loader, which also runs dlt, keeps no more than the remainder of an even split (plus one)."""
-    processes = min(processes, workers - 1)  # what the source does
+    the loader, which also runs dlt, keeps no more than the remainder of an even split (plus one).
+    Every child gets at least one thread, so there are fewer children than workers."""
+    workers = data.draw(st.integers(2, 64), label="workers")
+    processes = data.draw(st.integers(1, min(8, workers - 1)), label="processes")
     per_child, own = split_threads(workers, processes)
     assert processes * per_child + own == workers, (per_child, own)
     assert own >= 1, (per_child, own)
