@@ -17,7 +17,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from urllib.parse import quote, urlencode
+from urllib.parse import urlencode
 
 import requests
 
@@ -35,10 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with Emulator(WorldSpec(app_groups=1, tasks_per_instance=3000), keys={AK: SECRET}) as emu:
         app, fn, inst = emu.targets()[0]
-        path = "/".join(
-            ("/v4/openapi/app-groups", quote(app, safe=""), "functions", quote(fn, safe=""))
-            + ("instances", quote(inst, safe=""), "tasks")
-        )
+        from opensearch_tasks.client import tasks_path
+
+        path = tasks_path(app, fn, inst)
         session = requests.Session()
         session.trust_env = False
 
