@@ -13,14 +13,18 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
 
+import duckdb
 import nbformat
 import pytest
 from nbclient import NotebookClient
 from opensearch_tasks.demo import DEMO_KEY_ID, DEMO_KEY_SECRET
 from opensearch_tasks.emulator import Emulator, WorldSpec
+from opensearch_tasks.models import build_models, connect_models
 from opensearch_tasks.runner import RunConfig, run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,26 +122,179 @@ def test_there_are_notebooks() -> None:
     assert NOTEBOOKS, "notebooks/ holds no .ipynb file"
 
 
+@pytest.fixture(scope="module")
+def executed(demo_data: dict[str, Path], kernel: str) -> Callable[[Path, str], nbformat.NotebookNode]:
+    """Each notebook run once per source, shared by the tests that read its outputs."""
+    runs: dict[tuple[Path, str], nbformat.NotebookNode] = {}
+
+    def run(path: Path, source: str) -> nbformat.NotebookNode:
+        if (path, source) not in runs:
+            if source == "duckdb":
+                parameters = f"DATABASE = {str(demo_data['duckdb'])!r}\nPARQUET_DIR = None"
+            else:
+                parameters = f"DATABASE = None\nPARQUET_DIR = {str(demo_data['parquet'])!r}"
+            runs[(path, source)] = _execute(path, parameters, kernel)
+        return runs[(path, source)]
+
+    return run
+
+
 @pytest.mark.parametrize("source", ["duckdb", "parquet"])
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_top_to_bottom(
-    path: Path, source: str, demo_data: dict[str, Path], kernel: str
+    path: Path, source: str, demo_data: dict[str, Path], executed: Callable[..., Any]
 ) -> None:
-    if source == "duckdb":
-        database = demo_data["duckdb"]
-        parameters = f"DATABASE = {str(database)!r}\nPARQUET_DIR = None"
-        before = _sha256(database)
-    else:
-        parameters = f"DATABASE = None\nPARQUET_DIR = {str(demo_data['parquet'])!r}"
-
-    nb = _execute(path, parameters, kernel)
+    before = _sha256(demo_data["duckdb"])
+    nb = executed(path, source)
 
     assert nb.cells[-1].outputs[0]["text"].strip() == sys.executable  # the project's interpreter
     plots = _plot_cells(nb)
     missing = [c.source.splitlines()[0] for c in plots if not _has_image(c)]
     assert not missing, f"plot cells without an image: {missing}"
+    assert _sha256(demo_data["duckdb"]) == before, (
+        "the notebook changed the database it should only read"
+    )
+
+
+class _HtmlTables(HTMLParser):
+    """The cells of every ``<table>`` in a DataFrame's HTML output (header row first)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: list[list[list[str]]] = []
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag: str, attrs: Any) -> None:
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr" and self.tables:
+            self.tables[-1].append([])
+        elif tag in ("td", "th"):
+            self._cell = []
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("td", "th") and self._cell is not None and self.tables and self.tables[-1]:
+            self.tables[-1][-1].append("".join(self._cell).strip())
+            self._cell = None
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def _shown_tables(nb: nbformat.NotebookNode) -> list[list[dict[str, str]]]:
+    """Every DataFrame the notebook displays, as rows keyed by column name."""
+    shown = []
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            html = output.get("data", {}).get("text/html")
+            if not html:
+                continue
+            parser = _HtmlTables()
+            parser.feed(html)
+            for table in parser.tables:
+                rows = [row for row in table if row]
+                header = rows[0][1:] if rows and rows[0] and rows[0][0] == "" else rows[0]
+                shown.append([dict(zip(header, row[1:], strict=False)) for row in rows[1:]])
+    return shown
+
+
+def _table_with(shown: list[list[dict[str, str]]], *columns: str) -> list[dict[str, str]]:
+    found = [rows for rows in shown if rows and all(c in rows[0] for c in columns)]
+    assert found, f"no table with columns {columns} is shown"
+    return found[0]
+
+
+def _close(text: str, value: float | None, digits: int = 3) -> bool:
+    if value is None:
+        return text in ("None", "NaN", "<NA>", "")
+    return abs(float(text) - value) <= 0.6 * 10**-digits + 1e-9 * abs(value)
+
+
+@pytest.mark.parametrize("source", ["duckdb", "parquet"])
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_tables_show_the_models_numbers(
+    path: Path, source: str, demo_data: dict[str, Path], executed: Callable[..., Any]
+) -> None:
+    """What a reader sees in the tables is what the models hold for the same data."""
+    shown = _shown_tables(executed(path, source))
     if source == "duckdb":
-        assert _sha256(database) == before, "the notebook changed the database it should only read"
+        con = connect_models(demo_data["duckdb"], read_only=True)
+    else:
+        con = duckdb.connect()
+        build_models(con, source="parquet", parquet_dir=demo_data["parquet"])
+    with con:
+        summary = _table_with(shown, "tasks", "instances", "running")[0]
+        counts = con.execute(
+            "select count(*), count(distinct (app_group, function_name, instance_name)), "
+            "count(*) filter (where status = 'running') from analytics.stg_function_tasks"
+        ).fetchone()
+        assert (int(summary["tasks"]), int(summary["instances"]), int(summary["running"])) == counts
+
+        overall = {
+            row[:3]: row[3:]
+            for row in con.execute(
+                "select app_group, function_name, instance_name, tasks_failed, tasks_succeeded, "
+                "tasks_running, success_rate from analytics.overall_success_rates"
+            ).fetchall()
+        }
+        failing = _table_with(shown, "tasks_failed", "tasks_succeeded", "success_rate")
+        assert failing, "the failing-instances table is empty"
+        for row in failing:
+            failed, succeeded, running, rate = overall[
+                (row["app_group"], row["function_name"], row["instance_name"])
+            ]
+            assert (
+                int(row["tasks_failed"]),
+                int(row["tasks_succeeded"]),
+                int(row["tasks_running"]),
+            ) == (
+                failed,
+                succeeded,
+                running,
+            ), row
+            assert _close(row["success_rate"], rate), (row, rate)
+
+        durations = {
+            row[:3]: row[3:]
+            for row in con.execute(
+                "select app_group, function_name, instance_name, finished_tasks, "
+                "p50_duration_seconds / 60, p90_duration_seconds / 60 from analytics.training_durations"
+            ).fetchall()
+        }
+        for row in _table_with(shown, "finished_tasks", "p50_minutes", "p90_minutes"):
+            finished, p50, p90 = durations[
+                (row["app_group"], row["function_name"], row["instance_name"])
+            ]
+            assert int(row["finished_tasks"]) == finished, row
+            assert _close(row["p50_minutes"], p50, 1) and _close(row["p90_minutes"], p90, 1), (
+                row,
+                p50,
+                p90,
+            )
+
+        errors: dict[str, int] = {}
+        for message, count in con.execute(
+            "select error_message, failed_tasks from analytics.training_failures"
+        ).fetchall():
+            errors[message] = errors.get(message, 0) + count
+        for row in _table_with(shown, "error_message", "failed_tasks"):
+            assert int(row["failed_tasks"]) == errors[row["error_message"]], row
+
+        metrics = {
+            row[:4]: row[4:]
+            for row in con.execute(
+                "select app_group, function_name, instance_name, metric_name, metric_value, "
+                "previous_metric_value from analytics.latest_training_metrics"
+            ).fetchall()
+        }
+        for row in _table_with(shown, "metric_name", "metric_value", "previous_metric_value"):
+            value, previous = metrics[
+                (row["app_group"], row["function_name"], row["instance_name"], row["metric_name"])
+            ]
+            assert _close(row["metric_value"], value) and _close(
+                row["previous_metric_value"], previous
+            ), row
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

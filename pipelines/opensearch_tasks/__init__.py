@@ -5,7 +5,7 @@ Used as a dlt source, as dlt's verified sources are::
     import dlt
     from opensearch_tasks import opensearch_tasks
 
-    pipeline = dlt.pipeline("opensearch_tasks", destination="duckdb", dataset_name="opensearch_tasks")
+    pipeline = dlt.pipeline("opensearch", destination="duckdb", dataset_name="opensearch_tasks")
     pipeline.run(opensearch_tasks(targets=["my_app_group"]))
 
 The source itself lives in ``source.py``. Its names are loaded on first use rather than here, because

@@ -152,11 +152,11 @@ def configure_logging(debug: bool) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if debug else logging.WARNING)
     logger.setLevel(logging.DEBUG if debug else logging.INFO)
+    # Alibaba's credentials chain logs each provider it tries, with tracebacks, through a logger
+    # that sets its own level and handler when imported (after this runs): off unless --debug.
+    logging.getLogger("credentials").disabled = not debug
     if not debug:
         os.environ.setdefault("RUNTIME__LOG_LEVEL", "WARNING")
-        # The credentials chain logs each provider it tries, with tracebacks: not for users' eyes.
-        logging.getLogger("credentials").setLevel(logging.CRITICAL)
-        logging.getLogger("alibabacloud_credentials").setLevel(logging.CRITICAL)
         # A failed instance is printed once, as an "error:" line by cmd_run, not also as a log line.
         handler.addFilter(lambda record: not _is_reported_failure(record))
 
