@@ -335,17 +335,15 @@ def _fail(args: argparse.Namespace, message: str, code: int) -> int:
 def run_as_process(job: Callable[[], int]) -> NoReturn:
     """Run ``job`` as the whole of this process, then exit with its code.
 
-    Three things only a process that owns everything it runs may do: skip pandas (pyarrow would
-    import it, 0.5-1 s and ~25 MB, only to ask whether each list is a pandas object; see
-    ``arrow_ready.declare_pandas_unused``), collect cyclic garbage less often while loading
-    (``concurrency.LOADER_GC_THRESHOLDS``), and skip the interpreter's final garbage collection.
-    At exit CPython collects every object still alive, and dlt's import graph alone makes that
-    0.4-0.5 s here (0.7-0.9 s after a run). The process is ending, so the OS frees the memory;
-    everything the run wrote is closed by then (the runner closes its DuckDB connections and dlt
-    its files explicitly). Not done in ``main``, which tests and embedders call in a process that
-    goes on.
+    What only a process that owns everything it runs may do: collect cyclic garbage less often
+    (``settings.LOADER_GC_THRESHOLDS``), let ``run`` skip pandas (``cmd_run``), and skip the
+    interpreter's final garbage collection: at exit CPython collects every object still alive, and
+    dlt's import graph alone makes that a noticeable part of a short run. The process is ending, so
+    the OS frees the memory; everything the run wrote is closed by then (the runner closes its
+    DuckDB connections and dlt its files explicitly). Not done in ``main``, which tests and
+    embedders call in a process that goes on.
     """
-    from opensearch_tasks.startup import LOADER_GC_THRESHOLDS
+    from opensearch_tasks.settings import LOADER_GC_THRESHOLDS
 
     global _OWNS_PROCESS
     _OWNS_PROCESS = True

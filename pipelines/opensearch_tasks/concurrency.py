@@ -48,7 +48,7 @@ from opensearch_tasks.helpers import (
     read_instance,
 )
 from opensearch_tasks.records import ColumnKinds, RecordError, Target
-from opensearch_tasks.startup import LOADER_GC_THRESHOLDS
+from opensearch_tasks.settings import LOADER_GC_THRESHOLDS
 
 logger = logging.getLogger(__name__)
 

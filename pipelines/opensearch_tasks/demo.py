@@ -50,7 +50,9 @@ def run_demo(duckdb_path: str) -> int:
         config.build_models = True
         result = run(config)
         print(format_summary(result))
-        truth = {(t["app_group"], t["function_name"], t["instance_name"], t["run_id"]) for t in emu.truth()}
+        truth = {
+            (t["app_group"], t["function_name"], t["instance_name"], t["run_id"]) for t in emu.truth()
+        }
 
     with duckdb.connect(duckdb_path, read_only=True) as con:
         keys = con.execute(

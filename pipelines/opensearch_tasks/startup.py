@@ -16,14 +16,6 @@ import gc
 from collections.abc import Iterator
 from typing import NoReturn
 
-# Collector thresholds for a process that reads and loads (gen0 was 700): reading holds a page of
-# parsed tasks per thread, thousands of young dicts that reference counting frees, and with the
-# default thresholds the collector walked those pages again and again (in a 1M-task run ~0.7 CPU s
-# in a reading process, ~0.45 s in the loader; with these, ~0.02 s). Cyclic garbage is still
-# collected, only less often. Set in reading processes (ours) and by the command for its own
-# process (``cli.run_as_process``), never in a process that merely calls the source.
-LOADER_GC_THRESHOLDS = (10_000, 10, 10)
-
 
 @contextlib.contextmanager
 def imports_without_gc() -> Iterator[None]:
