@@ -46,7 +46,7 @@ Why every app group loads under the one dlt pipeline ``opensearch_tasks`` (the C
 per app group: all app groups land in one table, and a dlt pipeline types new columns from its *own*
 schema. With a pipeline per app group, an ``extendInfo`` key that is a number in one app group and text
 in another makes the second load fail (``Could not convert string '93%' to DOUBLE``), in whichever order
-they run (reproduced; tests/test_airflow.py injects exactly this). One pipeline keeps one schema, so the
+they run (tests/test_airflow.py injects exactly this). One pipeline keeps one schema, so the
 second type becomes a variant column as in any single run. Per-app-group state is not lost by this: the
 cursors live per instance inside the pipeline's state, a load only moves its own instances' cursors, and
 a failed app group leaves every cursor of the others as it was. It also means the CLI and the DAG share

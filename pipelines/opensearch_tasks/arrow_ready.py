@@ -23,12 +23,12 @@ _PANDAS_UNUSED = False  # set by declare_pandas_unused
 def ensure_arrow_ready() -> None:
     """Run this process's first Arrow conversion of a Python list, alone, and once.
 
-    pyarrow imports pandas on its first such conversion (0.5-1 s here), unless this process
+    pyarrow imports pandas on its first such conversion (a slow import), unless this process
     declared pandas unused (``declare_pandas_unused``). dlt, on the loader's main thread, tests every
-    item with ``sys.modules.get("pandas").DataFrame``: while a reading thread was still importing
-    pandas, that raised "partially initialized module 'pandas' has no attribute 'DataFrame'" (seen
-    with 16 workers). So readers convert their first batch under a lock, and the resource calls this
-    before it hands dlt its first table. Lazily: a run with nothing new converts nothing."""
+    item with ``sys.modules.get("pandas").DataFrame``: while a reading thread is still importing
+    pandas, that raises "partially initialized module 'pandas' has no attribute 'DataFrame'". So
+    readers convert their first batch under a lock, and the resource calls this before it hands dlt
+    its first table. Lazily: a run with nothing new converts nothing."""
     if _ARROW_READY.is_set():  # every later call: an Event check, no lock (once per table)
         return
     with _ARROW_FIRST:
@@ -44,13 +44,13 @@ def ensure_arrow_ready() -> None:
 def declare_pandas_unused() -> None:
     """Declare that nothing in this process uses pandas, so the first conversion skips importing it.
 
-    pyarrow imports pandas (0.5-1 s, ~25 MB) only to ask whether each list it converts is a pandas
-    object. With pandas hidden for that first conversion, pyarrow notes "no pandas" and never asks
-    again; the catch is that in this process it then treats a pandas Series like a plain list (NaN
-    stays NaN, a categorical becomes strings) until pandas-specific pyarrow code re-imports it. So
-    only a process that owns everything it runs may declare this: the ``opensearch-tasks`` command
-    does, and its reading processes inherit it; a run embedded in other code (Airflow, a notebook)
-    does not."""
+    pyarrow imports pandas (slow, and memory the run never uses) only to ask whether each list it
+    converts is a pandas object. With pandas hidden for that first conversion, pyarrow notes "no
+    pandas" and never asks again; the catch is that in this process it then treats a pandas Series
+    like a plain list (NaN stays NaN, a categorical becomes strings) until pandas-specific pyarrow
+    code re-imports it. So only a process that owns everything it runs may declare this: the
+    ``opensearch-tasks`` command does, and its reading processes inherit it; a run embedded in other
+    code (Airflow, a notebook) does not."""
     global _PANDAS_UNUSED
     _PANDAS_UNUSED = True
 

@@ -226,8 +226,8 @@ class OpenSearchClient:
 
     def _call_api(self, params: Params, request: OpenApiRequest, runtime: RuntimeOptions) -> Any:
         """``call_api``, with a process's first request made alone: the SDK builds its shared HTTP
-        session on first use, with an SSL context even for ``http://`` (~50 ms of CPU), and threads
-        starting together would each build one (5 were counted in one loader run)."""
+        session on first use, with an SSL context even for ``http://`` (a noticeable CPU cost), and
+        threads starting together would each build one."""
         if not self._session_ready:
             with self._session_lock:
                 if not self._session_ready:

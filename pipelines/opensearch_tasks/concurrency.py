@@ -10,12 +10,9 @@ holding the GIL, so one process tops out at one core however many threads wait o
 without pickling a secret, read the instances the parent deals them with their own threads, and send
 Arrow IPC batches and reports back over one pipe each. The parent keeps everything dlt does (extract,
 state, normalize, load), so state still moves only when the load package commits, and reads with one
-thread of its own (``split_threads``). Instances are dealt one at a time to whichever thread is free.
-Measured on 2 cores (1M tasks, Parquet, an earlier version): threads only 33.9 s; one reader 36.8 s
-(the reader was the bottleneck); two readers 27.2 s but 516 MB summed PSS; one reader plus the
-parent's half share, dealt up front, 28.0-28.7 s at ~420-445 MB; the same dealt on demand 23.9 s.
-Network-bound (200 x 500 tasks, pages of 100, 50 ms a request): dealt up front 17.5-17.8 s, on
-demand 14.9-15.8 s.
+thread of its own (``split_threads``). Instances are dealt one at a time to whichever thread is free:
+dealt up front, the side that finishes first idles while the other still has a backlog, both when the
+run is CPU-bound and when it waits on the network.
 """
 
 from __future__ import annotations
@@ -61,9 +58,9 @@ def default_processes() -> int:
     """Reading processes beside the loader: one per core but the loader's own (which runs dlt), at
     most 3, where forking is safe; else 0 (the loader reads with threads).
 
-    On 2 cores that is one reader: beside the loader's own share it measured about as fast as
-    two readers (the emulator, the loader and the readers share the cores) and a forked reader
-    holds ~170-240 MB of its own (summed PSS; it writes into pages it inherited)."""
+    On 2 cores that is one reader: beside the loader's own share it is about as fast as two
+    readers (the loader and the readers share the cores), while every forked reader holds a large
+    amount of memory of its own (it writes into pages it inherited)."""
     return max(0, min((os.cpu_count() or 1) - 1, 3)) if CAN_FORK else 0
 
 
@@ -173,8 +170,8 @@ def read_in_processes(
     ``workers`` threads (requests in flight) in all.
 
     Dealt on demand, not sharded up front: a thread that finishes an instance takes the next one,
-    so neither side idles while the other still has a backlog (a static split left the network
-    scenario waiting on the busier side). This process also runs dlt (extract, normalize, load),
+    so neither side idles while the other still has a backlog (with a static split, the run waits
+    on the busier side). This process also runs dlt (extract, normalize, load),
     and its threads only ask for work when the GIL lets them, so it takes what it can. A child
     that dies (killed, out of memory) fails just the instances it was reading, with a message
     saying so; their cursors stay where they were, and the instances it had not been dealt go to
@@ -183,8 +180,8 @@ def read_in_processes(
     if any(target.key not in reading.cursors for target in targets):
         # An instance read for the first time surely has rows to convert: pyarrow's first
         # conversion runs here, before the fork, so that reading processes share it instead of each
-        # doing it again (when it imports pandas: ~0.7 CPU s and ~10 MB summed PSS each; the command
-        # declares pandas unused, see arrow_ready). A run with nothing new converts nothing.
+        # doing it again (when it imports pandas, each would pay that import's CPU and memory; the
+        # command declares pandas unused, see arrow_ready). A run with nothing new converts nothing.
         ensure_arrow_ready()
     context = multiprocessing.get_context("fork")
     child_threads, own_threads = split_threads(workers, processes)
@@ -230,9 +227,9 @@ def split_threads(workers: int, processes: int) -> tuple[int, int]:
     children taking all but one (this process keeps what does not divide evenly).
 
     Why one here: this process also runs dlt and takes the children's batches, under one GIL. With
-    four reading threads here (4 + 4) it was the bottleneck: once the cores were not shared with the
-    emulator, a 1M-task backfill ran at ~41,000 tasks/s while the child, its batches waiting to be
-    taken, used ~0.2 of a core; with 7 + 1, ~56,000 tasks/s (``benchmarks/README.md``)."""
+    more reading threads of its own it becomes the bottleneck: its readers compete with dlt and with
+    taking the children's batches, and the children idle while their batches wait to be taken
+    (``benchmarks/NOTES.md``)."""
     per_child = max(1, (workers - 1) // processes)
     return per_child, max(1, workers - processes * per_child)
 

@@ -38,7 +38,7 @@ AUTH_CODE_HINTS = {
     "InvalidAccessKeyId.NotFound": "check the access key id",
     "SignatureDoesNotMatch": "check the access key secret",
     "IncompleteSignature": "check the access key secret",
-    "MissingAuthorization": "set credentials (see README, 'Credentials')",
+    "MissingAuthorization": "set credentials (see the README, 'Configure')",
     "InvalidSecurityToken.Expired": "refresh the STS token",
     "InvalidSecurityToken.Mismatch": "the STS token does not belong to this access key",
     "InvalidAccessKeyId.Inactive": "the access key is disabled; enable it or use another",

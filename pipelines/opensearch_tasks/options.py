@@ -14,7 +14,7 @@ users expect (first found wins):
 These are exactly the places and the order in which dlt resolves the source's own arguments, so the
 source embedded in a plain ``dlt.pipeline`` reads the same settings as the command. The lookup is done
 here, with ``tomllib``, rather than by dlt's providers, because ``report`` and ``models`` must start
-without importing dlt (about a second); a test checks that both lookups agree.
+without importing dlt (a slow import); a test checks that both lookups agree.
 """
 
 from __future__ import annotations

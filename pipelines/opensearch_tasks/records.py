@@ -195,8 +195,8 @@ class ColumnKinds:
         and ``_dlt_load_id`` right after the core columns when ``load_id`` is given.
 
         Why: dlt's normalize copies an extracted Parquet file as it is only when its columns are
-        exactly the table's, in the schema's order; otherwise it reads and rewrites every file
-        (3.4-3.9 s per 1M tasks). dlt appends new columns in the order they arrive, i.e. this
+        exactly the table's, in the schema's order; otherwise it reads and rewrites every file, which
+        costs much more than copying it. dlt appends new columns in the order they arrive, i.e. this
         registry's order. dlt's own ``add_dlt_load_id`` would append the load id at the end of
         each file while the schema keeps it where it was first seen, so no file would match."""
         known = self.kinds.copy()  # readers in other threads may add columns meanwhile
@@ -221,7 +221,7 @@ class ColumnKinds:
 
     def widen_all(self, tables: Sequence[pa.Table], load_id: str | None = None) -> pa.Table:
         """The tables as one, widened like ``widen``: Arrow pads each with the columns only others
-        have (in C++, ~10x cheaper than padding table by table) and keeps their chunks."""
+        have (in C++, much cheaper than padding table by table) and keeps their chunks."""
         if len(tables) == 1:
             return self.widen(tables[0], load_id)
         # "default" promotion only fills absent columns with nulls: one name with two types still
@@ -271,7 +271,8 @@ def _column(items: list[dict[str, Any]], camel: str, pascal: str) -> list[Any]:
 
 def _only(values: list[Any], *types: type) -> bool:
     """Whether every value is exactly one of ``types`` (``bool`` is not an ``int`` here): the
-    common page, whose columns then need no per-value conversion (checked in C, ~4x cheaper)."""
+    common page, whose columns then need no per-value conversion (checked in C, much cheaper than
+    a Python loop over the values)."""
     return set(map(type, values)) <= set(types)
 
 

@@ -190,7 +190,7 @@ def make_destination(config: RunConfig) -> Any:
         # DuckDB takes up to 80 % of RAM by default, and a large merge takes what it is given; a
         # loader beside other work (an Airflow worker) should not. Past the limit DuckDB spills to
         # disk. Insertion order is not kept: no model reads rows in file order (each ranks by its
-        # keys), and that is what lets a second thread speed the load up (benchmarks/README.md).
+        # keys), and that is what lets a second thread speed the load up (benchmarks/NOTES.md).
         limits = {
             "memory_limit": config.duckdb_memory_limit,
             "threads": config.duckdb_threads,
@@ -311,7 +311,7 @@ def remove_duplicate_rows(duckdb_path: str, memory_limit: str = "128MB") -> int:
     """Keep one row per task after a resumed load; returns how many rows were removed.
 
     The source sends each task once per load, so the merge skips dlt's staging dedup (the
-    ``x-stage-data-deduplicated`` hint: a 1M-task first load 31.7 -> 10.6 s). Only a load that was
+    ``x-stage-data-deduplicated`` hint), which takes most of a large merge's time. Only a load that was
     killed between a staging copy's commit and dlt marking it done can copy one file twice, and only
     a resumed package (here) can do that, so this is the one place that needs the repair.
     """
@@ -423,8 +423,8 @@ def _api_error_in(error: BaseException) -> OpenSearchError | None:
 def merges(config: RunConfig) -> bool:
     """DuckDB merges into an existing tasks table; a first load (no table yet, or --full-refresh)
     appends: the source sends each task once per load, so the rows are the same, and the load skips
-    the staging copy (1M tasks: about 10 -> 4 s). Parquet always appends (staging keeps the newest).
-    A re-run append job after a kill is repaired like a re-run merge copy (finish_pending)."""
+    the staging copy, most of a first load's load step. Parquet always appends (staging keeps the
+    newest). A re-run append job after a kill is repaired like a re-run merge copy (finish_pending)."""
     if config.destination != "duckdb" or config.full_refresh:
         return False
     path = Path(config.duckdb_path)

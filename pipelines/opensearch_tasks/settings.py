@@ -55,10 +55,10 @@ DEFAULT_STALE_AFTER_HOURS = 7 * 24
 # Epoch values below this are seconds, not milliseconds (1e11 ms is 1973; 1e11 s is year 5138).
 SECONDS_THRESHOLD = 100_000_000_000
 
-# Collector thresholds for a process that reads and loads (gen0 was 700): reading holds a page of
-# parsed tasks per thread, thousands of young dicts that reference counting frees, and with the
-# default thresholds the collector walked those pages again and again (in a 1M-task run ~0.7 CPU s
-# in a reading process, ~0.45 s in the loader; with these, ~0.02 s). Cyclic garbage is still
-# collected, only less often. Set in reading processes (ours) and by the command for its own
-# process (``cli.run_as_process``), never in a process that merely calls the source.
+# Collector thresholds for a process that reads and loads (a first threshold well above CPython's
+# default): reading holds a page of parsed tasks per thread, thousands of young dicts that reference
+# counting frees, and with the default thresholds the collector walks those pages again and again,
+# for garbage that is not there. Cyclic garbage is still collected, only less often. Set in reading
+# processes (ours) and by the command for its own process (``cli.run_as_process``), never in a
+# process that merely calls the source.
 LOADER_GC_THRESHOLDS = (10_000, 10, 10)

@@ -153,10 +153,10 @@ def opensearch_tasks(
     return resource
 
 
-# dlt's extract costs the loader milliseconds of CPU per Arrow table whatever its size (hints validated,
-# column names normalised, the table schema updated), so tables are handed to it holding at least this
-# many rows: small instances' tables are combined (50,000 tasks in 200 instances: one table each made
-# that ~1 s slower), while a deep instance's own batches, already this large, pass straight on.
+# dlt's extract costs the loader a fixed amount of CPU per Arrow table whatever its size (hints
+# validated, column names normalised, the table schema updated), so tables are handed to it holding at
+# least this many rows: small instances' tables are combined (handed over one by one, each would pay
+# that cost for a few rows), while a deep instance's own batches, already this large, pass straight on.
 ROWS_PER_YIELD = 5_000
 
 
@@ -238,9 +238,10 @@ def reading_order(targets: Sequence[Target]) -> list[Target]:
 
     Why: a function's metrics become columns when its first instance is read, and dlt's normalize
     rewrites every extracted file written before the table got its last new column (only files with
-    the table's exact columns are imported as they are). Read function by function, a 1M-task
-    first load had 125k-850k rows rewritten (normalize 0.53-0.85 s); with every function read from
-    the start, 20k (0.15-0.20 s): the columns settle within the first batches.
+    the table's exact columns are imported as they are). Read function by function, every function
+    read late adds columns after many files are written, and those files are rewritten; with every
+    function read from the start, the columns settle within the first batches and few rows are
+    rewritten.
     """
     by_function: dict[str, list[Target]] = {}
     for target in targets:

@@ -1,12 +1,13 @@
 """Process start-up of the ``opensearch-tasks`` command: its imports, without the cyclic GC.
 
-Importing dlt, the Alibaba Cloud SDK, pyarrow and DuckDB creates ~200,000 objects that live as long
-as the process. While they are being created, CPython's cyclic garbage collector runs every 700
-allocations and, each time an older generation fills, walks everything created so far: ~0.2 s of
-a ~1.5 s start-up here, paid by every run (an hourly no-op run included) for garbage that is not
-there. So the command imports with the collector off, then freezes what the imports built (moved
-out of the collector's generations, never walked again) and turns it back on for the run itself.
-Kept in its own module so that the console script can do this before anything heavy is imported.
+Importing dlt, the Alibaba Cloud SDK, pyarrow and DuckDB creates hundreds of thousands of objects
+that live as long as the process. While they are being created, CPython's cyclic garbage collector
+runs every few hundred allocations and, each time an older generation fills, walks everything
+created so far: a noticeable part of the start-up, paid by every run (an hourly no-op run included)
+for garbage that is not there. So the command imports with the collector off, then freezes what the
+imports built (moved out of the collector's generations, never walked again) and turns it back on
+for the run itself. Kept in its own module so that the console script can do this before anything
+heavy is imported.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ class Emulator:
     ``keys`` maps AccessKey id -> secret; ``sts`` maps STS AccessKey id -> (secret, token) or
     (secret, token, expires_at wall-clock epoch seconds). ``verify_signatures=False`` skips
     authentication entirely (only for measuring the emulator itself). ``cache_json=False`` trades
-    speed for memory: finished tasks' JSON (~0.3 KB each) is rebuilt (~3 us) on every read.
+    speed for memory: finished tasks' JSON is not kept but rebuilt on every read.
     """
 
     def __init__(

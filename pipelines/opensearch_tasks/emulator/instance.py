@@ -4,7 +4,7 @@ A task is a few numbers (start, end, fate, key, hash) in parallel compact arrays
 time; its status, progress and payload follow from the clock and the per-task hash. Timelines are
 generated lazily with numpy the first time an instance is touched, so a million-task world costs
 almost nothing until read. A finished task's JSON never changes while the clock moves forward, so
-it is built once (from a bytes template, ~3 us) and cached.
+it is built once (from a bytes template) and cached.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ class Instance:
         self._world_start = world_start_ms
         self._roles = roles
         self._ready = False
-        self.cache_json = True  # finished tasks' JSON is kept (~0.3 KB a task) for fast pages
+        self.cache_json = True  # finished tasks' JSON is kept: memory traded for fast pages
         self.starts = array("q")
         self.ends = array("q")
         self.fates = array("b")
@@ -127,7 +127,7 @@ class Instance:
 
     # -- generation ---------------------------------------------------------------------------
     def ensure(self) -> Instance:
-        """Generate the timeline on first use (vectorised: well under 1 ms for 5,000 tasks)."""
+        """Generate the timeline on first use (vectorised, so even a large instance is quick)."""
         if not self._ready:
             self._generate()
             self._ready = True
@@ -261,7 +261,7 @@ class Instance:
         return data
 
     def _fast_item(self, i: int, end: int, key: int) -> bytes:
-        """A finished generated task via one bytes template (~3x cheaper than a dict + orjson).
+        """A finished generated task via one bytes template (much cheaper than a dict + orjson).
 
         Byte-for-byte what the dict path produces; ``test_emulator`` checks the two agree.
         """

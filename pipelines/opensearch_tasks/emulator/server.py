@@ -5,12 +5,9 @@ Order of a data request: route (unknown path -> 404 without auth), fault latency
 drift (applied before the page leaves). Each response goes out in one ``send`` with TCP_NODELAY, which avoids the 44 ms
 delayed-ACK stall of ``http.server``'s separate header/body writes.
 
-Measured on the 2-core dev box (loopback, keep-alive, one client thread, signed 100-task pages of
-~28 KB served from the cache): the server's own Python work is ~145 us a page (~7,000 pages/s of
-one core). End to end the *client* is the limit: ``requests.Session`` + ``sign_acs3`` reaches
-~520 pages/s (in-process or not), and ``requests.Session`` against a do-nothing raw-socket server
-only ~900-1,270 requests/s on this box; ``http.client`` from another process reaches ~1,400
-signed pages/s (~2,300-2,800 unsigned). ``tests/test_emulator.py`` guards against the 44 ms stall.
+The server's own Python work per page is small next to a Python client's (``requests`` and signing),
+so end to end the *client* is the limit, not the emulator. ``benchmarks/emulator_speed.py`` measures
+the page rate that the 44 ms stall would hold down.
 """
 
 from __future__ import annotations
@@ -267,8 +264,9 @@ def _write(h: _Handler, resp: _Response, request_id: str | None = None) -> None:
 class _Handler(socketserver.StreamRequestHandler):
     """HTTP/1.1 keep-alive with a lean parser.
 
-    ``http.server`` parses headers with the ``email`` package (~100 us a request on this box);
-    reading lines directly is several times cheaper and all a signed GET needs.
+    ``http.server`` parses headers with the ``email`` package, which is slow for a server that
+    shares the loader's cores; reading lines directly is several times cheaper and all a signed GET
+    needs.
     """
 
     disable_nagle_algorithm = True

@@ -294,7 +294,7 @@ _ISO_CACHE: dict[str, float] = {}
 
 def _check_fresh_iso(value: str) -> None:
     ts = _ISO_CACHE.get(value)
-    if ts is None:  # strptime costs ~30 us; a date string repeats for a whole second
+    if ts is None:  # strptime is slow next to a lookup; a date string repeats for a whole second
         try:
             ts = calendar.timegm(time.strptime(value, "%Y-%m-%dT%H:%M:%SZ"))
         except ValueError:

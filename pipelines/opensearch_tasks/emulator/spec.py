@@ -1,7 +1,7 @@
 """The shape of an emulated world: which app groups, functions and instances exist.
 
 Kept apart from the task data so that naming and instance selection are cheap and deterministic
-(a world of 200 instances is named in microseconds; its tasks are generated lazily elsewhere).
+(naming a world generates none of its tasks; they are generated lazily elsewhere).
 """
 
 from __future__ import annotations

@@ -143,8 +143,8 @@ class World:
     def render(self) -> int:
         """Serialise now every task that has finished, as pages would on first request; returns how
         many tasks were visible. Why: a real API's data is at rest on another machine, while this
-        emulator builds a task's JSON the first time it serves it (~5 us a task, 7-8 CPU s of a
-        1M-task backfill), on the cores the loader it stands beside is measured on."""
+        emulator builds a task's JSON the first time it serves it (a sizeable share of a backfill's
+        CPU), on the cores the loader it stands beside is measured on."""
         rendered = 0
         for inst in self.instances.values():
             for i in inst.visible(self.now_ms):
