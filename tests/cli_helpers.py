@@ -160,6 +160,22 @@ def _wrap_job_completion(owner: Any, table: str) -> None:
     owner.complete_job = wrapper
 
 
+def _wrap_table_copy(table: str) -> None:
+    """Stop right after DuckDB committed the copy of ``table``'s first file, before dlt records the
+    job as done: the one window in which a resumed load copies a file a second time (dlt saves a
+    completion marker as soon as a job returns, and a resumed load does not run a marked job)."""
+    from dlt.destinations.impl.duckdb.duck import DuckDbCopyJob
+
+    original = DuckDbCopyJob.run
+
+    def run(self: Any) -> None:
+        original(self)
+        if self.load_table_name == table:
+            _stop_here()
+
+    DuckDbCopyJob.run = run  # type: ignore[method-assign]
+
+
 def _install_stop(point: str) -> None:
     import opensearch_tasks.models
     from dlt.common.storages.load_package import PackageStorage
@@ -173,7 +189,8 @@ def _install_stop(point: str) -> None:
     elif point == "load":  # the first load job done, the others not
         _wrap(PackageStorage, "complete_job")
     elif point == "load-copied":  # the tasks file copied (committed), its job not marked done yet
-        _wrap_job_completion(PackageStorage, "function_tasks")
+        _wrap_table_copy("function_tasks")  # DuckDB
+        _wrap_job_completion(PackageStorage, "function_tasks")  # Parquet files
     elif point == "load-end":  # every job done, the load not recorded in _dlt_loads yet
         _wrap(Load, "complete_package", before=True)
     elif point == "models":  # inside the model transaction, three views created

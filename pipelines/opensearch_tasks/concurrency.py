@@ -189,7 +189,10 @@ def read_in_processes(
     events = _Events(workers * 2)
     children: list[_Child] = []
     pool = None
-    gc.freeze()  # objects that exist now are never collected by children: no copy-on-write of them
+    # Objects that exist now are never collected by children: no copy-on-write of them. A process
+    # that had frozen objects itself (the command, at start-up) keeps them frozen afterwards.
+    host_had_frozen = gc.get_freeze_count() > 0
+    gc.freeze()
     with contextlib.suppress(Exception):
         pa.jemalloc_set_decay_ms(0)  # Arrow buffers of received batches: freed memory goes back
     try:
@@ -209,11 +212,13 @@ def read_in_processes(
             )
             child.pump.start()
             children.append(child)
-        gc.unfreeze()
+        if not host_had_frozen:
+            gc.unfreeze()
         pool = _start_threads(reading, dealer, own_threads, events)
         yield from events.consume(len(targets), reading.kinds)
     finally:
-        gc.unfreeze()
+        if not host_had_frozen:
+            gc.unfreeze()
         events.closed.set()
         dealer.close()
         for child in children:
