@@ -968,13 +968,6 @@ def _check_known_issue(world: World, destination: str, time_zone: str, model: st
     assert_same(compare(model, snap, world, known), model, snap)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="overall_success_rates subtracts 'interval 7 day' from a timestamptz, which DuckDB does in "
-    "the session's calendar: across a DST change the windows are 7 days +- 1 hour, so the numbers "
-    "depend on the session time zone, not only on the data as its header promises",
-)
 @pytest.mark.parametrize("destination", ["duckdb", "parquet"])
 def test_overall_windows_do_not_depend_on_the_session_time_zone(world, destination):
     _check_known_issue(world, destination, "America/New_York", "overall_success_rates")
@@ -992,13 +985,6 @@ def test_latest_metrics_previous_run_is_the_one_before_with_metrics(world, desti
     _check_known_issue(world, destination, "UTC", "latest_training_metrics")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="training_failures takes coalesce(message, code) before trimming, so an error object with "
-    "an empty message and a code counts under '(no error message)', not under its code as the "
-    "header says ('its code when it has no message')",
-)
 @pytest.mark.parametrize("destination", ["duckdb", "parquet"])
 def test_failures_use_the_code_when_the_message_is_empty(world, destination):
     _check_known_issue(world, destination, "UTC", "training_failures")

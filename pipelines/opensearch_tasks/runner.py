@@ -84,6 +84,7 @@ class RunConfig:
     stale_after_hours: float = default("stale_after_hours")
     lookback_hours: float = default("lookback_hours")
     max_attempts: int = default("max_attempts")
+    max_requests_per_second: float | None = default("max_requests_per_second")
     read_timeout_ms: int = default("read_timeout_ms")
     duckdb_memory_limit: str = "128MB"  # for the load's merge; see make_destination
     duckdb_threads: int = 2  # the load's, with insertion order not kept (see make_destination)
@@ -461,7 +462,7 @@ def _build_models_for(config: RunConfig) -> list[str]:
 
     if config.destination == "duckdb":
         return build_models_in_file(
-            config.duckdb_path, destination="duckdb", stale_after_hours=int(config.stale_after_hours)
+            config.duckdb_path, destination="duckdb", stale_after_hours=config.stale_after_hours
         )
     from opensearch_tasks.storage import filesystem_for
 
@@ -469,6 +470,6 @@ def _build_models_for(config: RunConfig) -> list[str]:
         config.models_db(),
         destination="parquet",
         parquet_dir=str(config.parquet_dir),
-        stale_after_hours=int(config.stale_after_hours),
+        stale_after_hours=config.stale_after_hours,
         filesystem=filesystem_for(config.parquet_dir),
     )

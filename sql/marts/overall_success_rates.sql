@@ -21,14 +21,16 @@ tasks as (
 
 anchors as (
 
-    -- the window bounds, once per instance (interval arithmetic on timestamptz is not cheap)
+    -- the window bounds, once per instance. Fixed lengths of 7 x 24 hours, not calendar days: on a
+    -- timestamptz, "- interval 7 day" counts days in the session's time zone, and across a
+    -- daylight-saving change the windows would depend on the session rather than on the data.
     select
         app_group,
         function_name,
         instance_name,
         max(start_time) as newest_start_time,
-        max(start_time) - interval 7 day as last_7_days_starts_after,
-        max(start_time) - interval 14 day as previous_7_days_starts_after
+        max(start_time) - to_hours(7 * 24) as last_7_days_starts_after,
+        max(start_time) - to_hours(14 * 24) as previous_7_days_starts_after
     from tasks
     group by app_group, function_name, instance_name
 

@@ -85,7 +85,9 @@ error_elements as (
                 case
                     when element.type = 'VARCHAR' then element.value ->> '$'
                     when element.type = 'OBJECT'
-                        then coalesce(element.value ->> 'message', element.value ->> 'code')
+                        then coalesce(
+                            nullif(trim(element.value ->> 'message'), ''), element.value ->> 'code'
+                        )
                 end
             ),
             ''
