@@ -138,16 +138,16 @@ def test_retries_exhausted_fail_one_instance_loudly_and_keep_its_cursor(
     rows_before = [r for r in duckdb_rows(str(tmp_path / "tasks.duckdb")) if _target(r) == broken]
 
     emu.advance(hours=30)  # new tasks everywhere, running ones finished
-    emu.set_faults(
-        FaultPlan(throttle_rate=1.0, throttle_status=429, retry_after_ms=5, only_instances=[broken])
-    )
+    # A server error that persists (throttling would not do: it is the server's pace, and slows the
+    # whole run down instead of using up attempts)
+    emu.set_faults(FaultPlan(error_5xx_rate=1.0, error_5xx_status=503, only_instances=[broken]))
     done = run_cli(argv, capsys)
 
     assert done.code == 1
     name = "/".join(broken)
     (error,) = done.error_lines  # one line: which instance, why, how often tried, what happens next
     assert error.startswith(f"error: {name}: ListFunctionTasks {name} page 1"), error
-    assert "Throttling.User" in error and "HTTP 429" in error and "after 3 attempts" in error
+    assert "ServiceUnavailable" in error and "HTTP 503" in error and "after 3 attempts" in error
     assert error.endswith("its cursor is unchanged and the next run retries it"), error
     assert "Traceback" not in done.err
     # The summary still prints, and the failed instance's row shows what it tried: 3 requests, 2 retries.

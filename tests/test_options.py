@@ -143,6 +143,15 @@ LAYERS = [
     Layers("stale_after_hours", "10.5", 10.5, "20", 20.0, _flag("stale_after_hours", "30"), 30.0),
     Layers("lookback_hours", "1.5", 1.5, "2.5", 2.5, _flag("lookback_hours", "3.5"), 3.5),
     Layers("max_attempts", "2", 2, "3", 3, _flag("max_attempts", "4"), 4),
+    Layers(
+        "max_requests_per_second",
+        "7.5",
+        7.5,
+        "15",
+        15.0,
+        _flag("max_requests_per_second", "30"),
+        30.0,
+    ),
     Layers("read_timeout_ms", "1000", 1000, "2000", 2000, _flag("read_timeout_ms", "3000"), 3000),
     Layers(
         "destination",

@@ -34,7 +34,12 @@ from darabonba.exceptions import UnretryableException
 from darabonba.runtime import RuntimeOptions
 
 from opensearch_tasks.errors import AUTH_CODE_HINTS, CredentialsError, OpenSearchError
+from opensearch_tasks.flow import FlowControl
 from opensearch_tasks.settings import API_VERSION, DEFAULT_REGION
+
+# Throttled answers one request may get before it fails: throttling is the server's pace, so it
+# does not use up the request's attempts, but a key whose quota is zero must still end.
+MAX_THROTTLED_ATTEMPTS = 20
 
 logger = logging.getLogger(__name__)
 
@@ -200,8 +205,10 @@ class OpenSearchClient:
         connect_timeout_ms: int = 5_000,
         signature_algorithm: str | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        flow: FlowControl | None = None,
     ) -> None:
         self.host, self.protocol = resolve_endpoint(endpoint, region)
+        self.flow = flow or FlowControl()
         self._credential = credentials.provider()
         self.retry = retry or RetryPolicy()
         self.read_timeout_ms = read_timeout_ms
@@ -272,16 +279,27 @@ class OpenSearchClient:
             body_type="byte",
         )
         str_query = {k: str(v) for k, v in query.items() if v is not None}
-        attempt = 0
+        attempt = throttled = 0
         while True:
             attempt += 1
             self.stats.add(requests=1)
             self._local.requests = getattr(self._local, "requests", 0) + 1
+            self.flow.before_request()
             try:
-                return self._attempt(params, str_query, what, attempt)
+                body = self._attempt(params, str_query, what, attempt)
             except OpenSearchError as error:
+                if error.is_throttling and throttled < MAX_THROTTLED_ATTEMPTS:
+                    # The server's pace, not a failure: the pacer slows the whole run down, and
+                    # this request goes again in its turn without using up an attempt.
+                    self.flow.on_throttle()
+                    throttled += 1
+                    attempt -= 1
+                    self.stats.add(retries=1)
+                    self._local.retries = getattr(self._local, "retries", 0) + 1
+                    self._sleep(self.retry.delay(min(throttled, 3), error.retry_after_seconds))
+                    continue
                 if not error.retryable or attempt >= self.retry.max_attempts:
-                    error.attempts = attempt
+                    error.attempts = attempt + throttled
                     error.args = (error._render(),)
                     raise
                 delay = self.retry.delay(attempt, error.retry_after_seconds)
@@ -289,6 +307,9 @@ class OpenSearchClient:
                 self.stats.add(retries=1)
                 self._local.retries = getattr(self._local, "retries", 0) + 1
                 self._sleep(delay)
+            else:
+                self.flow.on_success()
+                return body
 
     def _attempt(self, params: Params, query: dict[str, str], what: str, attempt: int) -> dict[str, Any]:
         runtime = RuntimeOptions(

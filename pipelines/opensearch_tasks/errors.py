@@ -88,6 +88,11 @@ class OpenSearchError(Exception):
         return _rebuild_error, (type(self), self.what, fields)
 
     @property
+    def is_throttling(self) -> bool:
+        """The server refused the request for its rate (flow control), not for what it asked."""
+        return (self.code or "").startswith("Throttling") or self.status == 429
+
+    @property
     def is_credentials_error(self) -> bool:
         """The credentials are wrong (not this request): no other request can succeed."""
         return self.code in CREDENTIAL_CODES

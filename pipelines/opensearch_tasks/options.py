@@ -243,6 +243,15 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("max_attempts", _integer, 6, "attempts per request", check=_between(1, 100)),
     Option(
+        "max_requests_per_second",
+        _number,
+        None,
+        "a ceiling on the request rate, for a key whose quota other tools share (default: none; "
+        "throttling slows the run down by itself)",
+        metavar="RATE",
+        check=_between(0.1, 10_000),
+    ),
+    Option(
         "read_timeout_ms",
         _integer,
         30_000,

@@ -33,6 +33,7 @@ from opensearch_tasks.concurrency import (
     read_in_processes,
     read_in_threads,
 )
+from opensearch_tasks.flow import FlowControl
 from opensearch_tasks.helpers import InstanceReport, ReadOptions, discover_instances
 from opensearch_tasks.options import default
 from opensearch_tasks.records import ColumnKinds, Target
@@ -79,6 +80,7 @@ def opensearch_tasks(
     until_ms: int | None = None,
     write_disposition: str = "merge",
     max_attempts: int = default("max_attempts"),
+    max_requests_per_second: float | None = default("max_requests_per_second"),
     read_timeout_ms: int = default("read_timeout_ms"),
     report: RunReport | None = None,
 ) -> DltResource:
@@ -102,7 +104,10 @@ def opensearch_tasks(
         lookback_hours: re-read this much history before the cursor on every run.
         since_ms / until_ms: a backfill window (epoch ms); it does not move the stored cursor.
         write_disposition: ``merge`` (DuckDB) or ``append`` (Parquet; staging keeps the newest).
-        max_attempts: attempts per request before an instance fails.
+        max_attempts: attempts per request before an instance fails (a throttled answer does not
+            use one up: throttling slows the whole run down instead).
+        max_requests_per_second: a ceiling on the run's request rate (reading processes
+            included), for a key whose quota other tools share.
         read_timeout_ms: how long to wait for a response before retrying the request.
         report: filled with per-instance counts and failures (used by the CLI).
 
@@ -121,6 +126,7 @@ def opensearch_tasks(
         ("stale_after_hours", stale_after_hours),
         ("lookback_hours", lookback_hours),
         ("max_attempts", max_attempts),
+        ("max_requests_per_second", max_requests_per_second),
         ("read_timeout_ms", read_timeout_ms),
     ):  # the same ranges as the command's, with the key to fix named
         options.BY_NAME[name].validate(value, options.BY_NAME[name].key)
@@ -130,6 +136,7 @@ def opensearch_tasks(
         endpoint=endpoint,
         region=region,
         retry=RetryPolicy(max_attempts=max_attempts),
+        flow=FlowControl(max_requests_per_second),
         read_timeout_ms=read_timeout_ms,
     )
     read_options = ReadOptions(

@@ -97,6 +97,7 @@ class Service:
         self.world = world
         # A quirk some servers have: a larger pageSize is silently capped (None: no cap).
         self.max_page_size: int | None = None
+        self.plan_page_size_cap: int | None = None  # the fault plan's (FaultPlan.page_size_cap)
 
     def instance_style(self, route: Route) -> bool:
         """Whether errors/bodies of this route are PascalCase."""
@@ -165,8 +166,9 @@ class Service:
 
     def _tasks(self, inst: Instance, query: dict[str, str], request_id: str) -> bytes:
         number, size = self._page(query, 1)
-        if self.max_page_size is not None:
-            size = min(size, self.max_page_size)
+        for cap in (self.max_page_size, self.plan_page_size_cap):
+            if cap is not None:
+                size = min(size, cap)
         start_after = _int_param(query, "startTime", None, 0)
         end_before = _int_param(query, "endTime", None, 0)
         status = query.get("status") or None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 
@@ -48,6 +49,13 @@ class FaultPlan:
     script: tuple[str, ...] = ()
     only_instances: tuple[Target, ...] | None = None
     only_actions: tuple[str, ...] | None = None
+    # Flow control as Alibaba's gateway applies it: a token bucket per access key, ``rate_limit_per_s``
+    # requests a second with bursts of ``rate_burst`` (0: as many as the rate); beyond it, HTTP 400
+    # ``Throttling.User``. Every data request counts, in scope or not. 0 turns it off.
+    rate_limit_per_s: float = 0.0
+    rate_burst: int = 0
+    # A server-side cap on ListFunctionTasks' pageSize (None: none), answered silently.
+    page_size_cap: int | None = None
 
     def __post_init__(self) -> None:
         for name in (
@@ -61,6 +69,10 @@ class FaultPlan:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be within 0..1, not {value}")
+        if self.rate_limit_per_s < 0 or self.rate_burst < 0:
+            raise ValueError("rate_limit_per_s and rate_burst must not be negative")
+        if self.page_size_cap is not None and self.page_size_cap < 1:
+            raise ValueError("page_size_cap must be at least 1")
         if self.throttle_status not in (400, 429):
             raise ValueError("throttle_status must be 400 or 429")
         if not 500 <= self.error_5xx_status <= 599:
@@ -101,6 +113,7 @@ class FaultState:
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
+        self._buckets: dict[str, tuple[float, float]] = {}  # access key -> (tokens, refilled at)
         self._rng = random.Random(self.plan.seed)
         self._queue = [self.plan.fail_first_kind] * self.plan.fail_first_n + list(self.plan.script)
         self._queue.reverse()
@@ -140,6 +153,23 @@ class FaultState:
                 return kind
             u -= rate
         return None
+
+    def admit(self, access_key_id: str | None, now: float | None = None) -> bool:
+        """Take a token from this key's bucket; False means the request is over the rate."""
+        rate = self.plan.rate_limit_per_s
+        if rate <= 0:
+            return True
+        burst = float(self.plan.rate_burst or max(1, int(rate)))
+        now = time.monotonic() if now is None else now
+        key = access_key_id or ""
+        with self._lock:
+            tokens, refilled = self._buckets.get(key, (burst, now))
+            tokens = min(burst, tokens + (now - refilled) * rate)
+            admitted = tokens >= 1.0
+            self._buckets[key] = (tokens - 1.0 if admitted else tokens, now)
+            if not admitted:
+                self.injected["flow_control"] += 1
+            return admitted
 
     @property
     def pending(self) -> int:

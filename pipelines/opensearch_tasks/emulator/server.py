@@ -110,6 +110,7 @@ class App:
     def set_faults(self, plan: FaultPlan) -> None:
         """Replace the live plan (its counters and RNG start afresh)."""
         self.faults = FaultState(plan)
+        self.service.plan_page_size_cap = plan.page_size_cap
 
     # -- entry point ----------------------------------------------------------------------------
     def handle(self, h: _Handler) -> None:
@@ -148,6 +149,8 @@ class App:
                 if self.verifier is not None:
                     info = self.verifier.verify(h.command, raw_path, query, h.headers, body)
                     auth_scheme, ak = info.scheme, info.access_key_id
+                if not faults.admit(ak):
+                    raise AuthError(400, "Throttling.User", _THROTTLE_MESSAGE)
                 action = h.headers.get("x-acs-action")
                 if action is not None and action != route.action:
                     raise AuthError(
