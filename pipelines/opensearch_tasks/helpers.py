@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -28,6 +29,7 @@ from opensearch_tasks.records import (
     total_count,
 )
 from opensearch_tasks.settings import KNOWN_FUNCTIONS
+from opensearch_tasks.targets import TargetSpec
 
 logger = logging.getLogger(__name__)
 
@@ -319,20 +321,57 @@ def _page_budget(first_total: int, page_size: int) -> int:
     return 10 + 4 * -(-first_total // max(1, page_size))
 
 
-def discover_instances(
-    client: OpenSearchClient, app_group: str, function_name: str | None
-) -> list[Target]:
-    """Instances of one app group (all known functions, or one); functions without any are skipped."""
-    functions = (function_name,) if function_name else KNOWN_FUNCTIONS
-    targets: list[Target] = []
-    for fn in functions:
+def discover_all(
+    client: OpenSearchClient, specs: Sequence[TargetSpec], workers: int
+) -> tuple[list[Target], list[tuple[TargetSpec, OpenSearchError]]]:
+    """Every target's instances, in the order given: explicit instances as they are, the rest
+    discovered with ListFunctionInstances, one request per (app group, function) at a time on
+    ``workers`` threads (a large account has hundreds of them; read one after the other, they
+    would delay the first task by seconds). Returns the instances and each spec whose discovery
+    failed; a credentials error is raised at once."""
+    jobs = [
+        (index, spec, fn)
+        for index, spec in enumerate(specs)
+        if spec.instance_name is None or spec.function_name is None
+        for fn in ((spec.function_name,) if spec.function_name else KNOWN_FUNCTIONS)
+    ]
+
+    def discover(job: tuple[int, TargetSpec, str]) -> list[Target] | OpenSearchError:
+        _, spec, fn = job
         try:
-            targets.extend(_instances_of(client, app_group, fn))
+            return list(_instances_of(client, spec.app_group, fn))
         except OpenSearchError as error:
-            if error.code in NOT_FOUND_CODES and function_name is None:
-                continue
-            raise
-    return targets
+            if error.code in NOT_FOUND_CODES and spec.function_name is None:
+                return []
+            return error
+
+    # The first request alone: wrong credentials then stop the run after one refused request.
+    found = [discover(job) for job in jobs[:1]]
+    if found and isinstance(found[0], OpenSearchError) and found[0].is_credentials_error:
+        raise found[0]
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(jobs) or 1))) as pool:
+        found += pool.map(discover, jobs[1:])
+    by_spec: dict[int, list[Target] | OpenSearchError] = {}
+    for (index, _, _), result in zip(jobs, found, strict=True):
+        if isinstance(result, OpenSearchError):
+            if result.is_credentials_error:
+                raise result
+            by_spec.setdefault(index, result)
+        elif not isinstance(by_spec.get(index), OpenSearchError):
+            by_spec.setdefault(index, []).extend(result)  # type: ignore[union-attr]
+    resolved: dict[Target, None] = {}
+    failures: list[tuple[TargetSpec, OpenSearchError]] = []
+    for index, spec in enumerate(specs):
+        if spec.instance_name is not None and spec.function_name is not None:
+            resolved[Target(spec.app_group, spec.function_name, spec.instance_name)] = None
+            continue
+        result = by_spec.get(index, [])
+        if isinstance(result, OpenSearchError):
+            failures.append((spec, result))
+            continue
+        for target in result:
+            resolved[target] = None
+    return list(resolved), failures
 
 
 def _instances_of(client: OpenSearchClient, app_group: str, fn: str) -> Iterator[Target]:

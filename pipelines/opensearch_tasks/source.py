@@ -25,7 +25,6 @@ from opensearch_tasks.arrow_ready import ensure_arrow_ready
 from opensearch_tasks.client import (
     Credentials,
     OpenSearchClient,
-    OpenSearchError,
     RetryPolicy,
 )
 from opensearch_tasks.concurrency import (
@@ -34,7 +33,7 @@ from opensearch_tasks.concurrency import (
     read_in_threads,
 )
 from opensearch_tasks.flow import FlowControl
-from opensearch_tasks.helpers import InstanceReport, ReadOptions, discover_instances
+from opensearch_tasks.helpers import InstanceReport, ReadOptions, discover_all
 from opensearch_tasks.options import default
 from opensearch_tasks.records import ColumnKinds, Target
 from opensearch_tasks.settings import PRIMARY_KEY, TABLE_NAME
@@ -185,7 +184,7 @@ def function_tasks(
     state = dlt.current.resource_state()
     cursors: dict[str, Any] = state.setdefault("instances", {})
     kinds = ColumnKinds.from_dlt_columns(_known_columns())
-    targets = reading_order(_resolve_targets(client, specs, report))
+    targets = reading_order(_resolve_targets(client, specs, report, workers))
     report.planned = len(targets)
     reading = Reading(client, options, kinds, dict(cursors))
     load_id = _current_load_id()
@@ -258,23 +257,14 @@ def reading_order(targets: Sequence[Target]) -> list[Target]:
 
 
 def _resolve_targets(
-    client: OpenSearchClient, specs: Sequence[TargetSpec], report: RunReport
+    client: OpenSearchClient, specs: Sequence[TargetSpec], report: RunReport, workers: int
 ) -> list[Target]:
-    """Explicit instances as given; the rest discovered with ListFunctionInstances."""
-    resolved: dict[Target, None] = {}
-    for spec in specs:
-        if spec.instance_name is not None and spec.function_name is not None:
-            resolved[Target(spec.app_group, spec.function_name, spec.instance_name)] = None
-            continue
-        try:
-            for target in discover_instances(client, spec.app_group, spec.function_name):
-                resolved[target] = None
-        except OpenSearchError as error:
-            if error.is_credentials_error:
-                raise
-            report.failures.append(f"{spec}: discovery failed: {error}")
-            logger.error("%s: discovery failed: %s", spec, error)
-    return list(resolved)
+    """Explicit instances as given; the rest discovered (concurrently) with ListFunctionInstances."""
+    targets, failures = discover_all(client, specs, workers)
+    for spec, error in failures:
+        report.failures.append(f"{spec}: discovery failed: {error}")
+        logger.error("%s: discovery failed: %s", spec, error)
+    return targets
 
 
 def _current_load_id() -> str | None:
