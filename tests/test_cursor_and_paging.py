@@ -173,14 +173,14 @@ def test_a_server_capping_the_large_size_is_read_again_by_the_configured_size():
 
 def test_a_listing_that_shifts_while_read_continues_with_large_pages_from_an_overlapping_page():
     paging = Paging.start(_options(), InstanceCursor(max_start_ms=5))
-    for _ in range(3):
-        paging.next_request()
-        paging.count(1_000)
-        paging.after_page(items=10, seen=10, shifted=False)
-    paging.next_request()  # page 4 of 10 read up to task 40
-    paging.count(1_003)
-    assert paging.after_page(items=10, seen=40, shifted=True) == "next"
-    assert paging.next_request() == (1, 100)  # tasks 1-100 cover 31-40 again: no gap
+    assert paging.next_request() == (1, 10)
+    paging.count(10)  # one page's worth: no deep read
+    assert paging.after_page(items=10, seen=10, shifted=False) == "next"
+    assert paging.next_request() == (2, 10)
+    grew = paging.count(13)  # three tasks started while we paged: page 2 repeats page 1's tail
+    assert grew
+    assert paging.after_page(items=10, seen=17, shifted=True) == "next"
+    assert paging.next_request() == (1, 100)  # tasks 1-100 cover 11-20 again: no gap
 
 
 def test_a_listing_growing_faster_than_it_is_read_fails_after_a_bounded_number_of_requests():
@@ -252,3 +252,17 @@ def test_a_backfill_keeps_its_window_and_leaves_the_cursor_alone():
     page = _Page([("late", 95, "success"), ("in", 60, "success"), ("early", 40, "success")])
     assert selection.keep(page) == [1]
     assert selection.update.max_start_ms == 100 and selection.update.running == {}
+
+
+def test_once_a_server_capped_a_page_the_next_instances_start_with_its_cap():
+    options = _options(page_size=10, max_page_size=100)
+    first = Paging.start(options, InstanceCursor())
+    first.next_request()
+    first.count(500)
+    assert first.after_page(items=40, seen=40, shifted=False) == "capped"
+    later = Paging.start(options, InstanceCursor())  # another instance of the same run
+    assert later.next_request() == (1, 40)
+    assert Paging.start(_options(page_size=10, max_page_size=100), InstanceCursor()).next_request() == (
+        1,
+        100,
+    )

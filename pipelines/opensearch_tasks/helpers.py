@@ -66,6 +66,13 @@ class ReadOptions:
     since_ms: int | None = None  # backfill window: read from here, do not move the cursor
     until_ms: int | None = None
     batch_rows: int = 20_000
+    # What the server taught this process: "page_size_cap" once it answered a large page short.
+    learnt: dict[str, int] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def large_page_size(self) -> int:
+        """The page size for deep reads: the configured one, or the server's cap once known."""
+        return min(self.max_page_size, self.learnt.get("page_size_cap", self.max_page_size))
 
 
 def list_tasks_page(
@@ -124,9 +131,9 @@ class Paging:
 
     @classmethod
     def start(cls, options: ReadOptions, cursor: InstanceCursor) -> Paging:
-        can_grow = options.max_page_size > options.page_size
+        can_grow = options.large_page_size > options.page_size
         if can_grow and (cursor.max_start_ms is None or options.since_ms is not None):
-            return cls(options, options.max_page_size, can_grow=False)  # a deep read from the start
+            return cls(options, options.large_page_size, can_grow=False)  # a deep read from the start
         return cls(options, options.page_size, can_grow)
 
     def next_request(self) -> tuple[int, int]:
@@ -162,20 +169,23 @@ class Paging:
                 and self.size != options.page_size
             ):
                 # Fewer tasks than the server counted: it capped the larger page size. Read again
-                # with the configured size (already-kept rows are skipped as seen).
+                # with the configured size (already-kept rows are skipped as seen), and let the
+                # instances read after this one start with the server's cap.
+                if items >= options.page_size:
+                    options.learnt["page_size_cap"] = items
                 self.size, self.can_grow, self.page_number = options.page_size, False, 0
                 return "capped"
             return "done"
         if self.can_grow and self.page_number == 1 and (self.last_total or 0) > self.size:
             # A deep history: read it with large pages (an incremental run never gets here, its
             # first page is short). Page 1 is read again as part of the first large page.
-            self.size, self.can_grow, self.page_number = options.max_page_size, False, 0
+            self.size, self.can_grow, self.page_number = options.large_page_size, False, 0
             return "deep"
-        if shifted and self.size < options.max_page_size:
+        if shifted and self.size < options.large_page_size:
             # Tasks start faster than small pages advance: read on with large pages, from a page
             # that overlaps what was read (overlapping tasks are skipped as seen).
             read_up_to = self.page_number * self.size
-            self.size, self.can_grow = options.max_page_size, False
+            self.size, self.can_grow = options.large_page_size, False
             self.page_number = read_up_to // self.size
             return "next"
         if self.last_total is not None and self.page_number * self.size >= self.last_total + self.size:
