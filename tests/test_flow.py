@@ -173,7 +173,7 @@ def test_a_ceiling_keeps_the_run_under_it(make_emulator, tmp_path):
     assert all(r.code is None for r in emu.requests)
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck))
 @given(
     script=st.lists(st.sampled_from(["ok", "ok", "ok", "throttle"]), min_size=5, max_size=40),
     status=st.sampled_from([400, 429]),
