@@ -848,7 +848,7 @@ def compare(name: str, snapshot: Snapshot, world: World, cells: Cells = lambda k
 
 
 # --------------------------------------------------------------------------------------------------
-# Where the models and their definitions disagree (each checked, strictly xfailed, by a test below)
+# Cases where the models once disagreed with their definitions (each fixed; the tests below keep them)
 # --------------------------------------------------------------------------------------------------
 
 WINDOW_COLUMNS = {
@@ -973,13 +973,6 @@ def test_overall_windows_do_not_depend_on_the_session_time_zone(world, destinati
     _check_known_issue(world, destination, "America/New_York", "overall_success_rates")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="latest_training_metrics only searches the ten newest successful runs whose text matches "
-    "':\\s*-?[0-9]'; numbers inside lists match too, so an older run with metrics is missed: "
-    "previous_* are NULL (and after ten such runs the instance has no rows at all)",
-)
 @pytest.mark.parametrize("destination", ["duckdb", "parquet"])
 def test_latest_metrics_previous_run_is_the_one_before_with_metrics(world, destination):
     _check_known_issue(world, destination, "UTC", "latest_training_metrics")
