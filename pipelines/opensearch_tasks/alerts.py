@@ -15,7 +15,7 @@ Configuration::
     slow_factor = 3.0              # the newest finished task took factor x the trailing p90 ...
     slow_window_days = 30.0        # ... of the finished tasks in this many days before it
     metric_baseline_runs = 10      # a metric against the mean of this many previous successes
-    metric_threshold = 0.05        # worse than the baseline by more than this share
+    metric_threshold = 0.1         # worse than the baseline by more than this share
     freshness_hours = 24.0         # no task fetched for longer than this
 
     [alerts.functions.ctr]         # overrides for every instance of a function
@@ -91,7 +91,7 @@ class Thresholds:
     slow_factor: float = 3.0
     slow_window_days: float = 30.0
     metric_baseline_runs: int = 10
-    metric_threshold: float = 0.05
+    metric_threshold: float = 0.1
     freshness_hours: float = 24.0
 
     def updated(self, values: Mapping[str, Any], where: str) -> Thresholds:

@@ -110,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="build the SQL models as views in schema analytics")
     _add_options(models, "models")
 
+    alerts = sub.add_parser(
+        "alerts", help="rebuild the models and print the training alerts that fire (exit 1 if any)"
+    )
+    _add_options(alerts, "alerts")
+    alerts.add_argument("--json", action="store_true", help="one JSON array of alerts")
+
     report = sub.add_parser("report", help="print a per-instance summary from the models")
     _add_options(report, "report")
 
@@ -207,7 +213,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    settings = options.resolve(given(args, "models"), [o.name for o in options.for_command("models")])
+    duckdb_path, built = _build_models(args, "models")
+    print(f"built {len(built)} models in {duckdb_path}: {', '.join(built)}")
+    return 0
+
+
+def _build_models(args: argparse.Namespace, command: str) -> tuple[str, list[str]]:
+    """(the models file, the views built) with the thresholds of ``[alerts]`` of today's config."""
+    from opensearch_tasks.alerts import AlertRules
+
+    rules = AlertRules.from_settings()  # a bad [alerts] section fails before anything is written
+    settings = options.resolve(given(args, command), [o.name for o in options.for_command(command)])
     destination, parquet_dir = settings["destination"], settings["parquet_dir"]
     if destination == "parquet":
         if not parquet_dir:
@@ -225,15 +241,31 @@ def cmd_models(args: argparse.Namespace) -> int:
         from opensearch_tasks.storage import filesystem_for
 
         filesystem = filesystem_for(parquet_dir)
-    built = build_models_in_file(
+    built = paths.open_database(
+        lambda: build_models_in_file(
+            duckdb_path,
+            destination=destination,
+            parquet_dir=parquet_dir,
+            stale_after_hours=settings["stale_after_hours"],
+            filesystem=filesystem,
+            alert_rules=rules,
+        ),
         duckdb_path,
-        destination=destination,
-        parquet_dir=parquet_dir,
-        stale_after_hours=settings["stale_after_hours"],
-        filesystem=filesystem,
     )
-    print(f"built {len(built)} models in {duckdb_path}: {', '.join(built)}")
-    return 0
+    return duckdb_path, built
+
+
+def cmd_alerts(args: argparse.Namespace) -> int:
+    """Rebuild the models with today's thresholds, print what fires; exit 1 when anything does."""
+    duckdb_path, _ = _build_models(args, "alerts")
+    from opensearch_tasks.alerts import alerts_json, read_alerts
+    from opensearch_tasks.models import connect_models
+    from opensearch_tasks.report import format_alerts
+
+    with paths.open_database(lambda: connect_models(duckdb_path, read_only=True), duckdb_path) as con:
+        alerts = read_alerts(con)
+    print(alerts_json(alerts) if args.json else format_alerts(alerts))
+    return 1 if alerts else 0
 
 
 def _models_connection(args: argparse.Namespace, command: str) -> Any:
@@ -281,6 +313,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 COMMANDS = {
     "run": cmd_run,
     "models": cmd_models,
+    "alerts": cmd_alerts,
     "report": cmd_report,
     "sql": cmd_sql,
     "emulator": cmd_emulator,

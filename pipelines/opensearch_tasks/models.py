@@ -29,6 +29,7 @@ import logging
 import math
 import re
 from dataclasses import dataclass
+from datetime import datetime
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
@@ -36,6 +37,7 @@ from typing import Any, Literal
 
 import duckdb
 
+from opensearch_tasks.alerts import AlertRules, alert_settings_sql
 from opensearch_tasks.errors import ModelsError
 from opensearch_tasks.settings import (
     DATASET_NAME,
@@ -81,7 +83,7 @@ RAW_COLUMN_TYPES: dict[str, str] = {
 # Which raw relations each layer may read: marts read staging, never the source itself.
 ALLOWED_RAW: dict[str, frozenset[str]] = {
     "staging": frozenset({"function_tasks", "model_settings"}),
-    "marts": frozenset({"model_settings"}),
+    "marts": frozenset({"model_settings", "alert_settings"}),
 }
 
 _STRINGS_AND_COMMENTS = re.compile(r"'(?:[^']|'')*'|--[^\n]*|/\*.*?\*/", re.DOTALL)
@@ -316,6 +318,8 @@ def build_models(
     dataset: str = DATASET_NAME,
     stale_after_hours: float = DEFAULT_STALE_AFTER_HOURS,
     sql_dir: str | Path | None = None,
+    alert_rules: AlertRules | None = None,
+    as_of: datetime | None = None,
 ) -> list[str]:
     """Point ``raw.function_tasks`` at the source and (re)create every model, all or nothing.
 
@@ -332,6 +336,10 @@ def build_models(
     con.execute("begin transaction")
     try:
         _create_raw(con, source_relation, stale_after_hours, one_row_per_task)
+        con.execute(
+            f"create or replace view {RAW_SCHEMA}.alert_settings as "
+            + alert_settings_sql(alert_rules or AlertRules(), as_of)
+        )
         con.execute(f"create schema if not exists {MODEL_SCHEMA}")
         for model in models:
             _create_model(con, model)
@@ -372,6 +380,8 @@ def build_models_in_file(
     stale_after_hours: float = DEFAULT_STALE_AFTER_HOURS,
     filesystem: Any | None = None,
     sql_dir: str | Path | None = None,
+    alert_rules: AlertRules | None = None,
+    as_of: datetime | None = None,
 ) -> list[str]:
     """Build the models into a DuckDB file: the loaded DuckDB file, or a new one over Parquet."""
     Path(duckdb_path).expanduser().parent.mkdir(parents=True, exist_ok=True)
@@ -383,4 +393,6 @@ def build_models_in_file(
             dataset=dataset,
             stale_after_hours=stale_after_hours,
             sql_dir=sql_dir,
+            alert_rules=alert_rules,
+            as_of=as_of,
         )

@@ -25,6 +25,7 @@ from opensearch_tasks.errors import ModelsError, UsageError
 from opensearch_tasks.models import MODEL_SCHEMA, connect_models
 
 if TYPE_CHECKING:
+    from opensearch_tasks.alerts import Alert
     from opensearch_tasks.runner import RunResult
 
 METRICS_PER_INSTANCE = 4
@@ -218,6 +219,19 @@ def print_report(duckdb_path: str | Path, *, filesystem: Any | None = None) -> N
     """Open the models read-only and print the report (``filesystem`` for s3:// Parquet)."""
     with connect_models(duckdb_path, read_only=True, filesystem=filesystem) as con:
         print(render_report(con))
+
+
+def format_alerts(alerts: Sequence[Alert]) -> str:
+    """The alerts for people: newest first, one line each."""
+    if not alerts:
+        return "No training alerts."
+    rows = [("since (UTC)", "kind", "instance", "what")] + [
+        (f"{alert.since:%Y-%m-%d %H:%M}", alert.kind, alert.instance, alert.message) for alert in alerts
+    ]
+    widths = [max(len(row[column]) for row in rows) for column in range(3)]
+    lines = ["  ".join([*(row[c].ljust(widths[c]) for c in range(3)), row[3]]) for row in rows]
+    lines.insert(1, "  ".join("-" * width for width in [*widths, len(rows[0][3])]))
+    return f"{len(alerts)} training alert(s)\n\n" + "\n".join(lines)
 
 
 def print_query(con: duckdb.DuckDBPyConnection, query: str, max_rows: int = 100) -> None:
