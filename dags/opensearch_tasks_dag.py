@@ -1,6 +1,6 @@
 """OpenSearch training-task history into DuckDB (or Parquet), on a schedule, with data checks.
 
-``plan`` -> ``load`` (one mapped task per app group) -> ``build_models`` -> ``check_data``
+``plan`` -> ``load`` (one mapped task per app group) -> ``build_models`` -> ``check_data`` and ``alerts``
 
 * **plan** reads the targets and groups them by app group.
 * **load** runs ``opensearch_tasks.runner.run`` for one app group: its own Airflow task, log and retries, and
@@ -8,6 +8,9 @@
 * **build_models** (re)creates the ``analytics`` views once, after every load succeeded.
 * **check_data** fails the run (no retry) when a task key is duplicated, a success rate leaves [0, 1],
   or the newest load is older than the expected freshness.
+* **alerts** logs the training alerts that fire (``analytics.training_alerts``; thresholds from the
+  worker's ``[alerts]`` in ``.dlt/config.toml``); Variable ``opensearch_tasks_alerts_fail`` = true
+  makes any alert fail the run.
 
 Configuration lives in Airflow, never in this file (read inside the tasks, not at import):
 
@@ -201,8 +204,29 @@ def opensearch_tasks() -> None:
             raise fail_for_good(f"{len(failures)} data check(s) failed: " + " | ".join(failures))
         return facts
 
+    @task(retries=0)
+    def alerts() -> list[dict[str, Any]]:
+        """The training alerts firing now, in the task log; with the Variable
+        ``opensearch_tasks_alerts_fail`` set to true, any alert fails the run."""
+        from opensearch_tasks.alerts import read_alerts
+        from opensearch_tasks.models import connect_models
+        from opensearch_tasks.report import format_alerts
+        from opensearch_tasks.scheduling import airflow_variable
+        from opensearch_tasks.storage import filesystem_for_models
+
+        config = _settings().run_config()
+        database = config.models_db()
+        filesystem = filesystem_for_models(database) if config.destination == "parquet" else None
+        with connect_models(database, read_only=True, filesystem=filesystem) as con:
+            fired = read_alerts(con)
+        logger.info("%s", format_alerts(fired))
+        if fired and (airflow_variable("alerts_fail") or "").lower() in ("1", "true", "yes"):
+            raise fail_for_good(f"{len(fired)} training alert(s) fire: see the task log")
+        return [alert.to_json() for alert in fired]
+
     loads = load.expand(group=plan())
-    loads >> build_models() >> check_data()
+    built = build_models()
+    loads >> built >> [check_data(), alerts()]
 
 
 opensearch_tasks()

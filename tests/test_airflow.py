@@ -242,12 +242,13 @@ def test_dag_file_imports_in_airflow_without_errors_or_side_effects(airflow: Air
     assert found["connect_attempts"] == [], "parsing the DAG file opened a network connection"
     assert found["heavy_modules"] == [], "parsing the DAG file imported dlt/duckdb/pyarrow/the SDK"
     assert found["seconds"] < 5, f"parsing took {found['seconds']:.1f}s"
-    assert found["task_ids"] == ["build_models", "check_data", "load", "plan"]
+    assert found["task_ids"] == ["alerts", "build_models", "check_data", "load", "plan"]
     assert found["downstream"] == {
         "plan": ["load"],
         "load": ["build_models"],
-        "build_models": ["check_data"],
+        "build_models": ["alerts", "check_data"],
         "check_data": [],
+        "alerts": [],
     }
     assert found["schedule"] == "@hourly"
     assert found["catchup"] is False

@@ -458,11 +458,16 @@ def build_models_for(config: RunConfig) -> list[str]:
 
 
 def _build_models_for(config: RunConfig) -> list[str]:
+    from opensearch_tasks.alerts import AlertRules
     from opensearch_tasks.models import build_models_in_file
 
+    rules = AlertRules.from_settings()
     if config.destination == "duckdb":
         return build_models_in_file(
-            config.duckdb_path, destination="duckdb", stale_after_hours=config.stale_after_hours
+            config.duckdb_path,
+            destination="duckdb",
+            stale_after_hours=config.stale_after_hours,
+            alert_rules=rules,
         )
     from opensearch_tasks.storage import filesystem_for
 
@@ -472,4 +477,5 @@ def _build_models_for(config: RunConfig) -> list[str]:
         parquet_dir=str(config.parquet_dir),
         stale_after_hours=config.stale_after_hours,
         filesystem=filesystem_for(config.parquet_dir),
+        alert_rules=rules,
     )
