@@ -26,7 +26,8 @@ DEMO_KEY_SECRET = "demo-secret-not-a-real-key"  # noqa: S105 (the emulator's own
 
 
 def run_demo(duckdb_path: str) -> int:
-    from opensearch_tasks.report import format_summary, render_report
+    from opensearch_tasks.alerts import read_alerts
+    from opensearch_tasks.report import format_alerts, format_summary, render_report
 
     started = time.perf_counter()
     spec = WorldSpec(seed=42, app_groups=2, functions_per_group=3, instances_per_function=2)
@@ -64,6 +65,7 @@ def run_demo(duckdb_path: str) -> int:
             return 1
         print(f"== models: {', '.join(result.models)}\n")
         print(render_report(con))
+        print("\n" + format_alerts(read_alerts(con)))
     print(f"\ndemo finished in {time.perf_counter() - started:.1f}s; query it with:")
     where = "" if duckdb_path == DEFAULT_DUCKDB_PATH else f" --duckdb-path {shlex.quote(duckdb_path)}"
     query = "select * from analytics.training_success_rates limit 10"
