@@ -593,3 +593,43 @@ def test_report_asks_for_models_when_none_are_built() -> None:
 )
 def test_format_duration(seconds: float | None, text: str) -> None:
     assert format_duration(seconds) == text
+
+
+@pytest.mark.parametrize(
+    ("time_zone", "day", "week"),
+    [
+        ("UTC", "2026-11-29", "2026-11-23"),  # Sunday 17:30 UTC: still the week of Monday 23rd
+        ("Asia/Shanghai", "2026-11-30", "2026-11-30"),  # Monday 01:30 in UTC+8: a new week
+    ],
+)
+def test_days_and_weeks_follow_the_configured_time_zone(
+    tmp_path: Path, time_zone: str, day: str, week: str
+) -> None:
+    path = tmp_path / f"tz_{time_zone.replace('/', '_')}.duckdb"
+    start_ms = int(dt.datetime(2026, 11, 29, 17, 30, tzinfo=dt.UTC).timestamp() * 1000)
+    with duckdb.connect(str(path)) as con:
+        con.execute("create schema opensearch_tasks")
+        con.execute(
+            "create table opensearch_tasks.function_tasks (app_group varchar, function_name varchar, "
+            "instance_name varchar, run_id varchar, status varchar, start_time_ms bigint, "
+            "start_time timestamptz)"
+        )
+        con.execute(
+            "insert into opensearch_tasks.function_tasks values "
+            "('a', 'ctr', 'i', 'r1', 'success', ?, make_timestamptz(? * 1000))",
+            [start_ms, start_ms],
+        )
+    build_models_in_file(path, time_zone=time_zone)
+    with connect_models(path) as con:
+        con.execute("set TimeZone = 'America/New_York'")  # the session's zone must not matter
+        assert con.execute(
+            "select cast(day as varchar) from analytics.training_success_rates"
+        ).fetchall() == [(day,)]
+        assert con.execute(
+            "select cast(week as varchar) from analytics.weekly_success_rates"
+        ).fetchall() == [(week,)]
+
+
+def test_an_unknown_time_zone_is_refused_naming_it(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="unknown time zone 'Mars/Olympus'"):
+        build_models_in_file(tmp_path / "x.duckdb", time_zone="Mars/Olympus")

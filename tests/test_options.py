@@ -144,6 +144,15 @@ LAYERS = [
     Layers("lookback_hours", "1.5", 1.5, "2.5", 2.5, _flag("lookback_hours", "3.5"), 3.5),
     Layers("max_attempts", "2", 2, "3", 3, _flag("max_attempts", "4"), 4),
     Layers(
+        "time_zone",
+        '"Asia/Shanghai"',
+        "Asia/Shanghai",
+        "Europe/Berlin",
+        "Europe/Berlin",
+        _flag("time_zone", "America/New_York"),
+        "America/New_York",
+    ),
+    Layers(
         "max_requests_per_second",
         "7.5",
         7.5,

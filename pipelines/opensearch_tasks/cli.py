@@ -249,6 +249,7 @@ def _build_models(args: argparse.Namespace, command: str) -> tuple[str, list[str
             stale_after_hours=settings["stale_after_hours"],
             filesystem=filesystem,
             alert_rules=rules,
+            time_zone=settings["time_zone"],
         ),
         duckdb_path,
     )

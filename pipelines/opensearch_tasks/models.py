@@ -220,6 +220,7 @@ def _create_raw(
     source_relation: str | None,
     stale_after_hours: float,
     one_row_per_task: bool = False,
+    time_zone: str = "UTC",
 ) -> None:
     """Create the ``raw`` schema: the source relation and the one-row model settings."""
     con.execute(f"create schema if not exists {RAW_SCHEMA}")
@@ -227,8 +228,22 @@ def _create_raw(
     con.execute(
         f"create or replace view {RAW_SCHEMA}.model_settings as "
         f"select cast({float(stale_after_hours)!r} as double) as stale_after_hours, "
-        f"{'true' if one_row_per_task else 'false'} as source_has_one_row_per_task"
+        f"{'true' if one_row_per_task else 'false'} as source_has_one_row_per_task, "
+        f"cast('{check_time_zone(time_zone)}' as varchar) as time_zone"
     )
+
+
+def check_time_zone(name: str) -> str:
+    """An IANA time zone name (``Asia/Shanghai``), or a ModelError saying what is expected."""
+    import zoneinfo
+
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ModelError(
+            "time_zone", f"unknown time zone {name!r}; use an IANA name such as Asia/Shanghai"
+        ) from None
+    return name
 
 
 def _strip_strings_and_comments(sql: str) -> str:
@@ -320,6 +335,7 @@ def build_models(
     sql_dir: str | Path | None = None,
     alert_rules: AlertRules | None = None,
     as_of: datetime | None = None,
+    time_zone: str = "UTC",
 ) -> list[str]:
     """Point ``raw.function_tasks`` at the source and (re)create every model, all or nothing.
 
@@ -335,7 +351,7 @@ def build_models(
     one_row_per_task = source_has_one_row_per_task(con, source, source_relation)
     con.execute("begin transaction")
     try:
-        _create_raw(con, source_relation, stale_after_hours, one_row_per_task)
+        _create_raw(con, source_relation, stale_after_hours, one_row_per_task, time_zone)
         con.execute(
             f"create or replace view {RAW_SCHEMA}.alert_settings as "
             + alert_settings_sql(alert_rules or AlertRules(), as_of)
@@ -382,6 +398,7 @@ def build_models_in_file(
     sql_dir: str | Path | None = None,
     alert_rules: AlertRules | None = None,
     as_of: datetime | None = None,
+    time_zone: str = "UTC",
 ) -> list[str]:
     """Build the models into a DuckDB file: the loaded DuckDB file, or a new one over Parquet."""
     Path(duckdb_path).expanduser().parent.mkdir(parents=True, exist_ok=True)
@@ -395,4 +412,5 @@ def build_models_in_file(
             sql_dir=sql_dir,
             alert_rules=alert_rules,
             as_of=as_of,
+            time_zone=time_zone,
         )

@@ -88,6 +88,17 @@ def _text(value: Any) -> str:
     return text
 
 
+def _time_zone(value: Any) -> str:
+    import zoneinfo
+
+    name = _text(value)
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ValueError("expected an IANA time zone such as UTC or Asia/Shanghai") from None
+    return name
+
+
 def _text_list(value: Any) -> list[str]:
     """A TOML list, a JSON list (as dlt reads list variables), or names separated by commas/spaces."""
     if isinstance(value, str):
@@ -258,6 +269,15 @@ OPTIONS: tuple[Option, ...] = (
         "how long to wait for a response before retrying the request",
         metavar="MS",
         check=_between(100, 3_600_000),
+    ),
+    Option(
+        "time_zone",
+        _time_zone,
+        "UTC",
+        "the time zone of the models' days and weeks (an IANA name, e.g. Asia/Shanghai)",
+        metavar="ZONE",
+        source=False,
+        commands=("run", "models", "alerts"),
     ),
     Option(
         "pipeline_name", _text, PIPELINE_NAME, "dlt pipeline name (one per target set)", source=False

@@ -85,6 +85,7 @@ class RunConfig:
     lookback_hours: float = default("lookback_hours")
     max_attempts: int = default("max_attempts")
     max_requests_per_second: float | None = default("max_requests_per_second")
+    time_zone: str = default("time_zone")
     read_timeout_ms: int = default("read_timeout_ms")
     duckdb_memory_limit: str = "128MB"  # for the load's merge; see make_destination
     duckdb_threads: int = 2  # the load's, with insertion order not kept (see make_destination)
@@ -468,6 +469,7 @@ def _build_models_for(config: RunConfig) -> list[str]:
             destination="duckdb",
             stale_after_hours=config.stale_after_hours,
             alert_rules=rules,
+            time_zone=config.time_zone,
         )
     from opensearch_tasks.storage import filesystem_for
 
@@ -478,4 +480,5 @@ def _build_models_for(config: RunConfig) -> list[str]:
         stale_after_hours=config.stale_after_hours,
         filesystem=filesystem_for(config.parquet_dir),
         alert_rules=rules,
+        time_zone=config.time_zone,
     )

@@ -1,5 +1,6 @@
 -- Weekly training outcomes per instance, with the change against the calendar week before.
--- Grain: one row per (app_group, function_name, instance_name, week); week = Monday (UTC) of
+-- Grain: one row per (app_group, function_name, instance_name, week); week = Monday (in the
+-- configured time zone, as start_date) of
 -- start_time. previous_week_success_rate is NULL when the week before had no finished task.
 with
 

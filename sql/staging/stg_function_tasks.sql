@@ -14,7 +14,7 @@ source as not materialized (
 
 model_settings as (
 
-    select stale_after_hours, source_has_one_row_per_task from raw.model_settings
+    select stale_after_hours, source_has_one_row_per_task, time_zone from raw.model_settings
 
 ),
 
@@ -111,9 +111,14 @@ flagged as (
             and epoch(now()) - epoch(typed.start_time) > model_settings.stale_after_hours * 3600,
             false
         ) as is_stale,
-        -- the UTC date in any session time zone: epoch_us counts from 1970-01-01 UTC (and is ~10x
-        -- cheaper than timezone('UTC', ...), which goes through the ICU calendar)
-        cast(make_timestamp(epoch_us(typed.start_time)) as date) as start_date
+        -- the date in the configured time zone (model_settings.time_zone), whatever the session's;
+        -- for UTC from epoch_us, which counts from 1970-01-01 UTC and is much cheaper than a
+        -- time-zone conversion through the ICU calendar
+        case
+            when model_settings.time_zone = 'UTC'
+                then cast(make_timestamp(epoch_us(typed.start_time)) as date)
+            else cast(timezone(model_settings.time_zone, typed.start_time) as date)
+        end as start_date
     from typed
     cross join model_settings
 
