@@ -1,6 +1,6 @@
 """OpenSearch training-task history into DuckDB (or Parquet), on a schedule, with data checks.
 
-``plan`` -> ``load`` (one mapped task per app group) -> ``build_models`` -> ``check_data`` and ``alerts``
+``plan`` -> ``load`` (one mapped task per app group) -> ``build_models`` -> ``check_data`` -> ``alerts``
 
 * **plan** reads the targets and groups them by app group.
 * **load** runs ``opensearch_tasks.runner.run`` for one app group: its own Airflow task, log and retries, and
@@ -204,29 +204,38 @@ def opensearch_tasks() -> None:
             raise fail_for_good(f"{len(failures)} data check(s) failed: " + " | ".join(failures))
         return facts
 
-    @task(retries=0)
+    # After the checks, not beside them: a DuckDB file takes one writer (the notification state)
+    # or readers, not both; and alerts are worth seeing even when a check failed.
+    @task(retries=1, trigger_rule="all_done")
     def alerts() -> list[dict[str, Any]]:
         """The training alerts firing now, in the task log; with the Variable
         ``opensearch_tasks_alerts_fail`` set to true, any alert fails the run."""
         from opensearch_tasks.alerts import read_alerts
         from opensearch_tasks.models import connect_models
+        from opensearch_tasks.notify import deliver, load_targets
         from opensearch_tasks.report import format_alerts
         from opensearch_tasks.scheduling import airflow_variable
         from opensearch_tasks.storage import filesystem_for_models
 
         config = _settings().run_config()
+        targets = load_targets()
         database = config.models_db()
         filesystem = filesystem_for_models(database) if config.destination == "parquet" else None
-        with connect_models(database, read_only=True, filesystem=filesystem) as con:
+        with connect_models(database, read_only=not targets, filesystem=filesystem) as con:
             fired = read_alerts(con)
+            delivered = deliver(con, fired, targets) if targets else None
         logger.info("%s", format_alerts(fired))
+        if delivered is not None:
+            logger.info("notifications: %s", delivered.summary())
+            if not delivered.ok:  # retried by Airflow; what was sent is not sent again
+                raise RuntimeError(f"alert delivery failed for {', '.join(delivered.failed)}")
         if fired and (airflow_variable("alerts_fail") or "").lower() in ("1", "true", "yes"):
             raise fail_for_good(f"{len(fired)} training alert(s) fire: see the task log")
         return [alert.to_json() for alert in fired]
 
     loads = load.expand(group=plan())
     built = build_models()
-    loads >> built >> [check_data(), alerts()]
+    loads >> built >> check_data() >> alerts()
 
 
 opensearch_tasks()

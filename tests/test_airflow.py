@@ -246,8 +246,8 @@ def test_dag_file_imports_in_airflow_without_errors_or_side_effects(airflow: Air
     assert found["downstream"] == {
         "plan": ["load"],
         "load": ["build_models"],
-        "build_models": ["alerts", "check_data"],
-        "check_data": [],
+        "build_models": ["check_data"],
+        "check_data": ["alerts"],
         "alerts": [],
     }
     assert found["schedule"] == "@hourly"

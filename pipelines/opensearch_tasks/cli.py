@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_options(alerts, "alerts")
     alerts.add_argument("--json", action="store_true", help="one JSON array of alerts")
+    alerts.add_argument(
+        "--no-notify", action="store_true", help="do not notify the targets of [alerts.dingtalk] ..."
+    )
 
     report = sub.add_parser("report", help="print a per-instance summary from the models")
     _add_options(report, "report")
@@ -257,15 +260,34 @@ def _build_models(args: argparse.Namespace, command: str) -> tuple[str, list[str
 
 
 def cmd_alerts(args: argparse.Namespace) -> int:
-    """Rebuild the models with today's thresholds, print what fires; exit 1 when anything does."""
+    """Rebuild the models with today's thresholds, print what fires and notify the configured
+    targets of what started or stopped firing; exit 1 when anything fires or a delivery failed."""
+    from opensearch_tasks.notify import load_targets
+
+    targets = [] if args.no_notify else load_targets()  # a bad setting fails before any write
     duckdb_path, _ = _build_models(args, "alerts")
     from opensearch_tasks.alerts import alerts_json, read_alerts
     from opensearch_tasks.models import connect_models
     from opensearch_tasks.report import format_alerts
 
-    with paths.open_database(lambda: connect_models(duckdb_path, read_only=True), duckdb_path) as con:
+    with paths.open_database(
+        lambda: connect_models(duckdb_path, read_only=not targets), duckdb_path
+    ) as con:
         alerts = read_alerts(con)
+        delivered = None
+        if targets:
+            from opensearch_tasks.notify import deliver
+
+            delivered = deliver(con, alerts, targets)
     print(alerts_json(alerts) if args.json else format_alerts(alerts))
+    if delivered is not None:
+        print(delivered.summary(), file=sys.stderr if args.json else sys.stdout)
+        if not delivered.ok:
+            print(
+                f"error: delivery failed for {', '.join(delivered.failed)}; the next run sends again",
+                file=sys.stderr,
+            )
+            return 1
     return 1 if alerts else 0
 
 
