@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint format bench bench-quick bench-startup soak test-airflow lock clean
+.PHONY: install demo test lint format browser bench bench-quick bench-startup soak test-airflow lock clean
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +27,20 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-test: lint
+test: lint browser
 	$(BIN)/pytest
+
+# Headless Chromium for tests/test_html_report.py: Debian's package, installed once (as root, or
+# with sudo); a no-op when $(CHROMIUM) is already there.
+CHROMIUM := /usr/bin/chromium
+browser:
+	@if [ ! -x $(CHROMIUM) ]; then \
+	  set -e; echo "installing Debian's chromium"; \
+	  if [ "$$(id -u)" -eq 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq; \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium; \
+	fi
+	@$(CHROMIUM) --version
 
 # The loader's performance suite; extra options via BENCH_ARGS, e.g. make bench BENCH_ARGS="--only backfill --keep".
 bench: $(STAMP)

@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="print a per-instance summary from the models")
     _add_options(report, "report")
+    report.add_argument(
+        "--html", metavar="FILE", help="write a self-contained HTML report (alerts first, then charts)"
+    )
 
     sql = sub.add_parser("sql", help="run one SQL query on the loaded data and models (read-only)")
     sql.add_argument("query", help="e.g. 'select * from analytics.training_success_rates limit 10'")
@@ -305,10 +308,19 @@ def _models_connection(args: argparse.Namespace, command: str) -> Any:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    if args.html:
+        paths.require_folder(args.html, "--html")
     from opensearch_tasks.report import render_report
 
     with _models_connection(args, "report") as con:
-        print(render_report(con))
+        if args.html:
+            from opensearch_tasks.alerts import read_alerts
+            from opensearch_tasks.html_report import write_html_report
+
+            write_html_report(con, args.html, read_alerts(con))
+            print(f"wrote {args.html}")
+        else:
+            print(render_report(con))
     return 0
 
 

@@ -27,6 +27,7 @@ DEMO_KEY_SECRET = "demo-secret-not-a-real-key"  # noqa: S105 (the emulator's own
 
 def run_demo(duckdb_path: str) -> int:
     from opensearch_tasks.alerts import read_alerts
+    from opensearch_tasks.html_report import write_html_report
     from opensearch_tasks.report import format_alerts, format_summary, render_report
 
     started = time.perf_counter()
@@ -65,7 +66,11 @@ def run_demo(duckdb_path: str) -> int:
             return 1
         print(f"== models: {', '.join(result.models)}\n")
         print(render_report(con))
-        print("\n" + format_alerts(read_alerts(con)))
+        alerts = read_alerts(con)
+        print("\n" + format_alerts(alerts))
+        html = Path(duckdb_path).with_name("report.html")
+        write_html_report(con, html, alerts)
+        print(f"\n== the same as a page: {html}")
     print(f"\ndemo finished in {time.perf_counter() - started:.1f}s; query it with:")
     where = "" if duckdb_path == DEFAULT_DUCKDB_PATH else f" --duckdb-path {shlex.quote(duckdb_path)}"
     query = "select * from analytics.training_success_rates limit 10"
