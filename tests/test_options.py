@@ -141,6 +141,7 @@ LAYERS = [
     Layers("workers", "3", 3, "4", 4, _flag("workers", "5"), 5),
     Layers("processes", "1", 1, "2", 2, _flag("processes", "3"), 3),
     Layers("stale_after_hours", "10.5", 10.5, "20", 20.0, _flag("stale_after_hours", "30"), 30.0),
+    Layers("stale_check_hours", "1.5", 1.5, "2.5", 2.5, _flag("stale_check_hours", "3.5"), 3.5),
     Layers("lookback_hours", "1.5", 1.5, "2.5", 2.5, _flag("lookback_hours", "3.5"), 3.5),
     Layers("max_attempts", "2", 2, "3", 3, _flag("max_attempts", "4"), 4),
     Layers(

@@ -635,3 +635,66 @@ def test_small_instances_reach_dlt_as_few_larger_tables(emu, tmp_path, monkeypat
         assert len(handed) > 1  # yet handed on as they reach the threshold, not all at the end
         assert all(rows >= rows_per_yield for rows in handed[:-1])
     assert_equals_truth(duckdb_rows(str(tmp_path / "tasks.duckdb")), emu)
+
+
+@pytest.mark.parametrize("destination", ["duckdb", "parquet"])
+def test_a_task_stuck_past_the_horizon_is_asked_after_until_it_finishes(
+    make_emulator, tmp_path, destination
+):
+    """Stale tasks no longer hold the window back, but are checked on their own (GetFunctionTask,
+    at most every stale_check_hours); when the API says one finished, its row is updated."""
+    now = int(time.time() * 1000) // 60_000 * 60_000
+    emu = make_emulator(keys={AK: SECRET}, app_groups=0, start_ms=now)
+    emu.add_instance("app", "ctr", "long", tasks=0)
+    for days in (3, 2, 1):
+        emu.add_task(
+            "app",
+            "ctr",
+            "long",
+            start_ms=now - days * 86_400_000,
+            end_ms=now - days * 86_400_000 + 600_000,
+        )
+    stuck = emu.add_task(
+        "app", "ctr", "long", status="running", start_ms=now - 2 * 3_600_000, end_ms=now + 30 * 3_600_000
+    )
+    extra: dict[str, Any] = {}
+    if destination == "parquet":
+        extra = {
+            "destination": "parquet",
+            "parquet_dir": str(tmp_path / "lake"),
+            "models_path": str(tmp_path / "m.duckdb"),
+        }
+    config = config_for(
+        emu, tmp_path, targets=["app"], stale_after_hours=1, stale_check_hours=0, **extra
+    )
+
+    def rows() -> dict[tuple[str, ...], dict[str, Any]]:
+        loaded = (
+            duckdb_rows(config.duckdb_path)
+            if destination == "duckdb"
+            else parquet_newest_rows(str(tmp_path / "lake"))
+        )
+        return by_key(loaded)
+
+    key = ("app", "ctr", "long", stuck["run_id"])
+    run_ok(config)  # seen running, already past the one-hour horizon: stale from now on
+    assert rows()[key]["status"] == "running"
+    emu.reset_requests()
+    run_ok(config)  # still running: asked after on its own, not through the window
+    asked = [r for r in emu.requests if r.action == "GetFunctionTask"]
+    assert len(asked) == 1 and asked[0].raw_path.endswith("/" + str(stuck["generation"]))
+    assert rows()[key]["status"] == "running"
+
+    emu.advance(hours=31)  # it finishes on the server
+    emu.reset_requests()
+    run_ok(config)
+    assert rows()[key]["status"] == "success"
+    assert_equals_truth(
+        duckdb_rows(config.duckdb_path)
+        if destination == "duckdb"
+        else parquet_newest_rows(str(tmp_path / "lake")),
+        emu,
+    )
+    emu.reset_requests()
+    run_ok(config)  # finished: no longer asked after
+    assert not [r for r in emu.requests if r.action == "GetFunctionTask"]

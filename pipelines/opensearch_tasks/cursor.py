@@ -6,7 +6,10 @@ destination and is restored from it):
 * ``max_start_ms``  the newest task start the API has shown us;
 * ``boundary``      run ids that started exactly at ``max_start_ms`` (already stored);
 * ``open``          ``{run_id: start_ms}`` of tasks last seen running (they must be read again);
-* ``unit``          ``"ms"`` or ``"s"``: the instance's own time unit, for the ``startTime`` filter.
+* ``unit``          ``"ms"`` or ``"s"``: the instance's own time unit, for the ``startTime`` filter;
+* ``stale``         ``{run_id: [generation, start_ms, checked_ms]}`` of tasks still open past the
+                    stale horizon: no longer in the window, so each is checked on its own
+                    (GetFunctionTask by generation) now and then, until it finishes.
 
 A run asks for tasks that started after ``min(max_start_ms, oldest open start) - 1 unit``: exactly the
 window that can hold something new or changed. An open task older than the stale horizon stops holding
@@ -26,6 +29,8 @@ class InstanceCursor:
     boundary: set[str] = field(default_factory=set)
     open: dict[str, int] = field(default_factory=dict)
     unit: str | None = None
+    stale: dict[str, list[Any]] = field(default_factory=dict)
+    generations: dict[str, str] = field(default_factory=dict)  # of the open tasks, when known
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any] | None) -> InstanceCursor:
@@ -36,6 +41,8 @@ class InstanceCursor:
             boundary=set(state.get("boundary", ())),
             open={str(k): int(v) for k, v in dict(state.get("open", {})).items()},
             unit=state.get("unit"),
+            stale={str(k): list(v) for k, v in dict(state.get("stale", {})).items()},
+            generations={str(k): str(v) for k, v in dict(state.get("generations", {})).items()},
         )
 
     def to_state(self) -> dict[str, Any]:
@@ -44,6 +51,8 @@ class InstanceCursor:
             "boundary": sorted(self.boundary),
             "open": dict(sorted(self.open.items())),
             "unit": self.unit,
+            **({"stale": dict(sorted(self.stale.items()))} if self.stale else {}),
+            **({"generations": dict(sorted(self.generations.items()))} if self.generations else {}),
         }
 
     def window_start_ms(self, now_ms: int, stale_after_ms: int, lookback_ms: int = 0) -> int | None:
@@ -89,13 +98,24 @@ class CursorUpdate:
     at_max: set[str] = field(default_factory=set)
     running: dict[str, int] = field(default_factory=dict)
     unit: str | None = None
+    generations: dict[str, str] = field(default_factory=dict)
+    stale_checked: dict[str, list[Any] | None] = field(default_factory=dict)  # None: finished
 
     def __post_init__(self) -> None:
         self.max_start_ms = self.previous.max_start_ms
         self.at_max = set(self.previous.boundary)
         self.unit = self.previous.unit
 
-    def see(self, run_id: str, start_ms: int | None, status: str | None, seconds: bool) -> None:
+    def see(
+        self,
+        run_id: str,
+        start_ms: int | None,
+        status: str | None,
+        seconds: bool,
+        generation: str | None = None,
+    ) -> None:
+        if status == "running" and generation:
+            self.generations[run_id] = generation
         if seconds:
             self.unit = "s"
         elif self.unit is None and start_ms is not None:
@@ -116,7 +136,25 @@ class CursorUpdate:
         still_open = {r: s for r, s in self.running.items() if s >= horizon}
         went_stale = {r for r, s in self.running.items() if s < horizon}
         went_stale |= {r for r, s in self.previous.open.items() if s < horizon}
+        # Tasks that went stale now are checked on their own from the next run on; those checked in
+        # this run carry their new check time, or leave when they finished (None).
+        stale = dict(self.previous.stale)
+        known = {**self.previous.generations, **self.generations}
+        starts = {**self.previous.open, **self.running}
+        for run_id in went_stale - set(still_open):
+            if run_id in known and run_id not in stale:
+                stale[run_id] = [known[run_id], starts[run_id], now_ms]
+        for run_id, checked in self.stale_checked.items():
+            if checked is None:
+                stale.pop(run_id, None)
+            else:
+                stale[run_id] = checked
         cursor = InstanceCursor(
-            max_start_ms=self.max_start_ms, boundary=self.at_max, open=still_open, unit=self.unit
+            max_start_ms=self.max_start_ms,
+            boundary=self.at_max,
+            open=still_open,
+            unit=self.unit,
+            stale=stale,
+            generations={r: g for r, g in known.items() if r in still_open},
         )
         return cursor, len(went_stale - set(still_open))

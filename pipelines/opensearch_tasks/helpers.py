@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import pyarrow as pa
 
-from opensearch_tasks.client import OpenSearchClient, OpenSearchError, instances_path
+from opensearch_tasks.client import OpenSearchClient, OpenSearchError, instances_path, segment
 from opensearch_tasks.client import tasks_path as _tasks_path
 from opensearch_tasks.cursor import CursorUpdate, InstanceCursor, to_filter_value
 from opensearch_tasks.records import (
@@ -66,6 +66,8 @@ class ReadOptions:
     since_ms: int | None = None  # backfill window: read from here, do not move the cursor
     until_ms: int | None = None
     batch_rows: int = 20_000
+    stale_check_ms: int = 6 * 3_600_000  # a stale task is asked after at most this often
+    stale_checks_per_run: int = 10  # stale tasks asked after per instance and run
     # What the server taught this process: "page_size_cap" once it answered a large page short.
     learnt: dict[str, int] = field(default_factory=dict, compare=False, hash=False)
 
@@ -238,7 +240,7 @@ class RowSelection:
                 if options.until_ms is not None and start_ms >= options.until_ms:
                     continue
             if not self.backfill:
-                self.update.see(run_id, start_ms, status, page.seconds[index])
+                self.update.see(run_id, start_ms, status, page.seconds[index], page.generation[index])
             if status == "running":
                 report.running += 1
             if not self.backfill and not options.lookback_ms and cursor.is_known_final(run_id, start_ms):
@@ -307,6 +309,8 @@ def read_instance(
             )
         if step in ("capped", "deep"):
             selection.read_again()
+    if not selection.backfill and cursor.stale:
+        check_stale_tasks(client, target, cursor, options, update, batch, report, clock_ms)
     if len(batch):
         report.rows_written += len(batch)
         table = batch.to_arrow()
@@ -319,6 +323,46 @@ def read_instance(
     report.retries = retries_after - retries_before
     report.seconds = time.perf_counter() - started
     return report
+
+
+def check_stale_tasks(
+    client: OpenSearchClient,
+    target: Target,
+    cursor: InstanceCursor,
+    options: ReadOptions,
+    update: CursorUpdate,
+    batch: TaskBatch,
+    report: InstanceReport,
+    clock_ms: int,
+) -> None:
+    """Ask after the tasks still open past the stale horizon, one by one (GetFunctionTask by
+    generation): they no longer hold the listing's window back, so without this a task open for
+    over a week that later finishes would stay ``running`` in the table for ever. A few per run,
+    the longest unchecked first, each no more often than ``options.stale_check_ms``."""
+    due = sorted(
+        (entry[2], run_id, entry)
+        for run_id, entry in cursor.stale.items()
+        if clock_ms - int(entry[2]) >= options.stale_check_ms
+    )[: options.stale_checks_per_run]
+    for _, run_id, (generation, start_ms, _) in due:
+        path = f"{_tasks_path(target.app_group, target.function_name, target.instance_name)}/{segment(generation)}"
+        try:
+            body = client.get("GetFunctionTask", path, {}, f"GetFunctionTask {target} {generation}")
+        except OpenSearchError as error:
+            if error.code in ("Task.NotExist", "Instance.NotExist"):
+                update.stale_checked[run_id] = None  # deleted: nothing left to wait for
+                continue
+            raise
+        item = pick(body, "result", "Result")
+        page = read_page([item], target) if isinstance(item, dict) else None
+        if page is None or page.run_id[0] != run_id:  # the generation now names another task
+            update.stale_checked[run_id] = None
+        elif page.status[0] == "running":
+            update.stale_checked[run_id] = [generation, start_ms, clock_ms]
+        else:
+            update.stale_checked[run_id] = None
+            batch.add_page(page, [0])
+            report.updated += 1
 
 
 class ListingError(ValueError):

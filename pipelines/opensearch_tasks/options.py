@@ -246,6 +246,13 @@ OPTIONS: tuple[Option, ...] = (
         commands=("run", "models", "alerts"),
     ),
     Option(
+        "stale_check_hours",
+        _hours,
+        6.0,
+        "how often a task still open past the stale horizon is asked after on its own",
+        metavar="HOURS",
+    ),
+    Option(
         "lookback_hours",
         _hours,
         0.0,

@@ -83,6 +83,7 @@ class RunConfig:
     processes: int | None = default("processes")  # None or 0: read with threads
     stale_after_hours: float = default("stale_after_hours")
     lookback_hours: float = default("lookback_hours")
+    stale_check_hours: float = default("stale_check_hours")
     max_attempts: int = default("max_attempts")
     max_requests_per_second: float | None = default("max_requests_per_second")
     time_zone: str = default("time_zone")

@@ -75,6 +75,7 @@ def opensearch_tasks(
     processes: int | None = default("processes"),
     stale_after_hours: float = default("stale_after_hours"),
     lookback_hours: float = default("lookback_hours"),
+    stale_check_hours: float = default("stale_check_hours"),
     since_ms: int | None = None,
     until_ms: int | None = None,
     write_disposition: str = "merge",
@@ -101,6 +102,8 @@ def opensearch_tasks(
             the ``opensearch-tasks`` command forks one per core but one, at most 3).
         stale_after_hours: an open task older than this stops holding the cursor back.
         lookback_hours: re-read this much history before the cursor on every run.
+        stale_check_hours: a task still open past the stale horizon is asked after on its own
+            (GetFunctionTask) at most this often, until it finishes.
         since_ms / until_ms: a backfill window (epoch ms); it does not move the stored cursor.
         write_disposition: ``merge`` (DuckDB) or ``append`` (Parquet; staging keeps the newest).
         max_attempts: attempts per request before an instance fails (a throttled answer does not
@@ -124,6 +127,7 @@ def opensearch_tasks(
         ("processes", processes),
         ("stale_after_hours", stale_after_hours),
         ("lookback_hours", lookback_hours),
+        ("stale_check_hours", stale_check_hours),
         ("max_attempts", max_attempts),
         ("max_requests_per_second", max_requests_per_second),
         ("read_timeout_ms", read_timeout_ms),
@@ -143,6 +147,7 @@ def opensearch_tasks(
         max_page_size=max_page_size,
         stale_after_ms=int(stale_after_hours * 3_600_000),
         lookback_ms=int(lookback_hours * 3_600_000),
+        stale_check_ms=int(stale_check_hours * 3_600_000),
         since_ms=since_ms,
         until_ms=until_ms,
     )
