@@ -206,6 +206,7 @@ class _Page:
         self.start_ms = [r[1] for r in rows]
         self.status = [r[2] for r in rows]
         self.seconds = [False] * len(rows)
+        self.generation = [str(n) for n in range(len(rows))]
 
 
 def _selection(cursor: InstanceCursor, **options: int | None) -> RowSelection:
