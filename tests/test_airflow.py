@@ -363,6 +363,32 @@ def test_data_checks_fail_loudly_and_name_every_problem(
     assert "more than the expected 0.0001 h" in output
 
 
+def test_alerts_are_logged_and_fail_the_run_only_when_asked(
+    airflow: Airflow, first_run: DagRun, tmp_path: Path
+) -> None:
+    """The alerts task after the models: by default it logs what fires and succeeds; with
+    opensearch_tasks_alerts_fail = true the same alerts fail it."""
+    _assert_succeeded(first_run.result)
+    with duckdb.connect(str(first_run.duckdb_path), read_only=True) as con:
+        fired = con.execute("select count(*) from analytics.training_alerts").fetchone()[0]
+    assert fired > 0, "the demo-like world should have some alert"
+    logged = airflow.run("tasks", "test", DAG_ID, "alerts", "2026-11-03", extra_env=first_run.variables)
+    output = logged.stdout + logged.stderr
+    assert f"{fired} training alert(s)" in output, output[-4000:]
+    assert "new_state=failed" not in output, output[-4000:]
+    failing = airflow.run(
+        "tasks",
+        "test",
+        DAG_ID,
+        "alerts",
+        "2026-11-03",
+        extra_env={**first_run.variables, "AIRFLOW_VAR_OPENSEARCH_TASKS_ALERTS_FAIL": "true"},
+    )
+    output = failing.stdout + failing.stderr
+    assert "new_state=failed" in output, output[-4000:]
+    assert f"{fired} training alert(s) fire" in output
+
+
 def test_dag_run_into_parquet(
     airflow: Airflow, world: Emulator, tmp_path: Path, first_run: DagRun
 ) -> None:
