@@ -55,7 +55,10 @@ def cpu_seconds(pid: int) -> float:
 
 
 class EmulatorProcess:
-    """``python -m opensearch_tasks.emulator`` in its own process; control endpoints over HTTP."""
+    """``python -m opensearch_tasks.emulator`` in its own process; control endpoints over HTTP.
+
+    ``shape`` overrides ``INSTANCE_SHAPE``'s keys (``app_groups``, ``functions_per_group``,
+    ``instances_per_function``)."""
 
     def __init__(
         self,
@@ -67,7 +70,9 @@ class EmulatorProcess:
         latency_ms: float = 0.0,
         seed: int = 7,
         render: bool = False,
+        shape: Mapping[str, int] | None = None,
     ) -> None:
+        shape = {**INSTANCE_SHAPE, **(shape or {})}
         args = [
             sys.executable,
             "-m",
@@ -77,11 +82,11 @@ class EmulatorProcess:
             "--seed",
             str(seed),
             "--app-groups",
-            str(INSTANCE_SHAPE["app_groups"]),
+            str(shape["app_groups"]),
             "--functions-per-group",
-            str(INSTANCE_SHAPE["functions_per_group"]),
+            str(shape["functions_per_group"]),
             "--instances-per-function",
-            str(INSTANCE_SHAPE["instances_per_function"]),
+            str(shape["instances_per_function"]),
             "--tasks-per-instance",
             str(tasks_per_instance),
             "--future-days",

@@ -7,6 +7,7 @@ Usage::
 
     python benchmarks/query.py count --duckdb-path x.duckdb
     python benchmarks/query.py count --parquet-dir lake/
+    python benchmarks/query.py per-instance --duckdb-path x.duckdb
     python benchmarks/query.py models --duckdb-path x.duckdb
     python benchmarks/query.py open-tasks --url http://127.0.0.1:PORT --horizon-ms EPOCH_MS
 
@@ -42,6 +43,17 @@ def count(duckdb_path: str | None, parquet_dir: str | None) -> dict[str, int]:
             ).fetchone()
     assert row is not None
     return {"rows": int(row[0])}
+
+
+def per_instance(duckdb_path: str) -> dict[str, Any]:
+    """Rows per instance (``app/fn/instance``) in the DuckDB table: the pace scenarios compare them
+    with the emulator's tasks to count the instances a run left short (failed or never discovered)."""
+    with duckdb.connect(duckdb_path, read_only=True) as con:
+        rows = con.execute(
+            "select app_group || '/' || function_name || '/' || instance_name, count(*) "
+            "from opensearch_tasks.function_tasks group by all"
+        ).fetchall()
+    return {"rows": sum(int(n) for _, n in rows), "per_instance": {k: int(n) for k, n in rows}}
 
 
 def models(duckdb_path: str) -> dict[str, float]:
@@ -80,7 +92,7 @@ def open_tasks(url: str, horizon_ms: int) -> dict[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("command", choices=("count", "models", "open-tasks"))
+    parser.add_argument("command", choices=("count", "per-instance", "models", "open-tasks"))
     parser.add_argument("--duckdb-path")
     parser.add_argument("--parquet-dir")
     parser.add_argument("--url", help="open-tasks: the emulator's http://127.0.0.1:PORT")
@@ -89,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any]
     if args.command == "count":
         result = count(args.duckdb_path, args.parquet_dir)
+    elif args.command == "per-instance":
+        result = per_instance(args.duckdb_path)
     elif args.command == "models":
         result = models(args.duckdb_path)
     else:

@@ -1,10 +1,12 @@
-"""The loader's performance suite: backfill, baseline, network, no-op, memory and models.
+"""The loader's performance suite: backfill, baseline, network, no-op, memory, models and the
+pace scenarios (a metered API, a capped page size: ``pace.py``).
 
 Usage::
 
     make bench                               # full size (several minutes)
-    make bench-quick                         # same scenarios, small (aims at under a minute)
+    make bench-quick                         # same scenarios, small
     .venv/bin/python benchmarks/run.py --quick --only backfill,noop --keep
+    .venv/bin/python benchmarks/run.py --only pace --before 027056b   # and the old code's pace
 
 Everything runs over real HTTP on 127.0.0.1: the emulator in its own process, each load in a fresh
 process through ``opensearch_tasks.runner.run`` (the CLI's code path), timed from spawn to exit. It prints
@@ -30,10 +32,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import scenarios
+from benchmarks import pace, scenarios
 from benchmarks.procs import REPO, child_env
 
-SCENARIOS = ("backfill", "models", "baseline", "network", "noop")
+SCENARIOS = ("backfill", "models", "baseline", "network", "noop", *pace.SCENARIOS)
 TARGETS: dict[str, tuple[str, float]] = {
     "tasks_per_s": (">=", 50_000),
     "baseline_ratio": (">=", 20),
@@ -43,6 +45,7 @@ TARGETS: dict[str, tuple[str, float]] = {
     "peak_rss_mb": ("<=", 500),
     "rss_growth": ("<=", 1.5),
     "models_seconds": ("<=", 2),
+    **pace.TARGETS,
 }
 
 
@@ -97,8 +100,16 @@ def code_version() -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small sizes (aims at under a minute)")
-    parser.add_argument("--only", help=f"comma-separated subset of {','.join(SCENARIOS)}")
+    parser.add_argument("--quick", action="store_true", help="small sizes, same shapes")
+    parser.add_argument(
+        "--only",
+        help=f"comma-separated subset of {','.join(SCENARIOS)} (pace: {','.join(pace.SCENARIOS)})",
+    )
+    parser.add_argument(
+        "--before",
+        metavar="REF",
+        help="also run each pace scenario once with the code of commit REF (a git worktree)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
     parser.add_argument("--workdir", help="scratch folder (default: a new temp folder)")
     parser.add_argument(
@@ -122,9 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     only = set(args.only.split(",")) if args.only else set(SCENARIOS)
+    if "pace" in only:
+        only = (only - {"pace"}) | set(pace.SCENARIOS)
     unknown = only - set(SCENARIOS)
     if unknown:
         parser.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
+    if args.before and not only & set(pace.SCENARIOS):
+        parser.error("--before applies to the pace scenarios (--only pace, or one of them)")
     if "models" in only:
         only.add("backfill")
 
@@ -163,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             stamp.write_text(facts["date"] + "\n")
             print(f"  warm-up (bytecode cache {pycache}): {time.perf_counter() - warm:.1f}s")
         run_scenarios(bench, only, figures)
+        if only & set(pace.SCENARIOS):
+            figures.update(pace.run(bench, args.quick, only, args.before))
     finally:
         if args.keep:
             print(f"scratch folder kept: {workdir}")
@@ -332,6 +349,7 @@ def print_table(bench: scenarios.Bench, figures: dict[str, Any], sizes: scenario
         ),
         "rss_growth": f"peak RSS {sizes.backfill * 200:,} / {sizes.small * 200:,} tasks",
         "models_seconds": "build every model, then read each one in full; median of 3 processes (quick: 1)",
+        **pace.notes(figures),
     }
     header = f"{'figure':<28} {'value':>12} {'target':>10}  {'met':<4} note"
     print("\n" + header + "\n" + "-" * 100)
@@ -344,6 +362,7 @@ def print_table(bench: scenarios.Bench, figures: dict[str, Any], sizes: scenario
         ok = "yes" if met(value, op, target) else "NO"
         print(f"{key:<28} {shown:>12} {op + ' ' + format(target, 'g'):>10}  {ok:<4} {notes[key]}")
     print()
+    pace.print_table(figures)
 
 
 def save(result: dict[str, Any], mode: str) -> None:
