@@ -172,15 +172,26 @@ def test_a_server_capping_the_large_size_is_read_again_by_the_configured_size():
 
 
 def test_a_listing_that_shifts_while_read_continues_with_large_pages_from_an_overlapping_page():
-    paging = Paging.start(_options(), InstanceCursor(max_start_ms=5))
+    paging = Paging.start(_options(), InstanceCursor())  # a first load, pages of 100 ...
+    assert paging.next_request() == (1, 100)
+    paging.count(500)
+    assert paging.after_page(items=40, seen=40, shifted=False) == "capped"  # ... capped at 40
     assert paging.next_request() == (1, 10)
-    paging.count(10)  # one page's worth: no deep read
-    assert paging.after_page(items=10, seen=10, shifted=False) == "next"
+    paging.count(500)
+    assert paging.after_page(items=10, seen=40, shifted=False) == "next"
     assert paging.next_request() == (2, 10)
-    grew = paging.count(13)  # three tasks started while we paged: page 2 repeats page 1's tail
-    assert grew
-    assert paging.after_page(items=10, seen=17, shifted=True) == "next"
-    assert paging.next_request() == (1, 100)  # tasks 1-100 cover 11-20 again: no gap
+    assert paging.count(503)  # three tasks started while we paged: page 2 repeats page 1's tail
+    assert paging.after_page(items=10, seen=47, shifted=True) == "next"
+    assert paging.next_request() == (1, 40)  # tasks 1-40 cover 11-20 again: no gap
+
+
+def test_a_full_page_that_reaches_the_servers_count_ends_the_listing():
+    paging = Paging.start(_options(), InstanceCursor())  # a first load: pages of 100
+    for page in range(1, 6):
+        assert paging.next_request() == (page, 100)
+        paging.count(500)
+        step = paging.after_page(items=100, seen=100 * page, shifted=False)
+    assert step == "done"  # no sixth request for a page that can only be empty
 
 
 def test_a_listing_growing_faster_than_it_is_read_fails_after_a_bounded_number_of_requests():

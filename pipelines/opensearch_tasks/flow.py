@@ -20,13 +20,12 @@ reading processes pace together: one account, one pace.
 from __future__ import annotations
 
 import multiprocessing
-import threading
 import time
-from collections import deque
 from collections.abc import Callable
 
-# Slots of the shared state (doubles).
-_NEXT_SLOT, _RATE, _COOL_UNTIL, _PROBED_AT, _FLOOR = range(5)
+# Slots of the shared state (doubles): the pace, and the answers let through in the current and the
+# previous whole second (every process's: a reading process sees only its share of them).
+_NEXT_SLOT, _RATE, _COOL_UNTIL, _PROBED_AT, _FLOOR, _SECOND, _THIS_SECOND, _LAST_SECOND = range(8)
 
 DECREASE = 0.9  # the new rate, as a share of what the server let through
 PROBE_PER_SECOND = 0.03  # how fast the rate creeps up while nothing is throttled
@@ -50,11 +49,9 @@ class FlowControl:
         self._clock = clock
         self._sleep = sleep
         # Shared with forked reading processes (CLOCK_MONOTONIC is the same for every process).
-        self._state = multiprocessing.RawArray("d", 5)
+        self._state = multiprocessing.RawArray("d", 8)
         self._lock = multiprocessing.Lock()
         self._state[_RATE] = self.ceiling or 0.0
-        self._successes: deque[float] = deque()  # this process's, for the window
-        self._local_lock = threading.Lock()
         self.throttled = 0  # answers throttled in this process
         self.waited_seconds = 0.0
 
@@ -81,10 +78,24 @@ class FlowControl:
 
     def on_success(self) -> None:
         now = self._clock()
-        with self._local_lock:
-            self._successes.append(now)
-            while self._successes and self._successes[0] < now - WINDOW_SECONDS:
-                self._successes.popleft()
+        with self._lock:
+            self._roll(now)
+            self._state[_THIS_SECOND] += 1
+
+    def _roll(self, now: float) -> None:
+        """Move the per-second success counts on to the second ``now`` is in (lock held)."""
+        second = float(int(now))
+        if second != self._state[_SECOND]:
+            recent = self._state[_THIS_SECOND] if second == self._state[_SECOND] + 1 else 0.0
+            self._state[_LAST_SECOND] = recent
+            self._state[_THIS_SECOND] = 0.0
+            self._state[_SECOND] = second
+
+    def _let_through(self, now: float) -> float:
+        """Answers let through in the last second, every process's (lock held)."""
+        self._roll(now)
+        elapsed = now - self._state[_SECOND]  # of the current second
+        return self._state[_THIS_SECOND] + self._state[_LAST_SECOND] * (1.0 - elapsed)
 
     def on_throttle(self) -> None:
         """The server refused a request for its rate: slow down, once per window.
@@ -95,10 +106,9 @@ class FlowControl:
         (a loaded gateway) would otherwise ratchet the rate down for ever: it never drops below
         half the first rate learnt."""
         now = self._clock()
-        with self._local_lock:
-            self.throttled += 1
-            let_through = sum(1 for t in self._successes if t >= now - WINDOW_SECONDS)
+        self.throttled += 1
         with self._lock:
+            let_through = self._let_through(now)
             if now < self._state[_COOL_UNTIL]:
                 return  # an answer to a request sent before the last cut
             current = self._state[_RATE]

@@ -190,8 +190,10 @@ class Paging:
             self.size, self.can_grow = options.large_page_size, False
             self.page_number = read_up_to // self.size
             return "next"
-        if self.last_total is not None and self.page_number * self.size >= self.last_total + self.size:
-            return "done"  # defensive: never page past what the server says exists
+        if self.last_total is not None and self.page_number * self.size >= self.last_total:
+            # Every task the server counted is read (a growing listing went to "shifted" above):
+            # no request for a page that can only be empty.
+            return "done"
         return "next"
 
 
