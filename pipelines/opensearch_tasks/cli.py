@@ -1,4 +1,4 @@
-"""The ``opensearch-tasks`` command: run, models, report, emulator, demo.
+"""The ``opensearch-tasks`` command: run, models, alerts, report, sql, emulator, demo.
 
 Exit codes: 0 success; 1 the run failed (an instance, a lock, the API); 2 usage or configuration
 errors. Errors are one line; ``--debug`` shows the traceback.
@@ -15,15 +15,12 @@ import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 
 from opensearch_tasks import options, paths
 from opensearch_tasks.errors import ModelsError, OpenSearchError, RunError, UsageError
 from opensearch_tasks.settings import SECONDS_THRESHOLD
 from opensearch_tasks.targets import TargetError
-
-if TYPE_CHECKING:
-    pass
 
 logger = logging.getLogger("opensearch_tasks")
 
