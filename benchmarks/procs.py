@@ -71,6 +71,7 @@ class EmulatorProcess:
         seed: int = 7,
         render: bool = False,
         shape: Mapping[str, int] | None = None,
+        future_days: float = 0.0,
     ) -> None:
         shape = {**INSTANCE_SHAPE, **(shape or {})}
         args = [
@@ -90,7 +91,7 @@ class EmulatorProcess:
             "--tasks-per-instance",
             str(tasks_per_instance),
             "--future-days",
-            "0",  # every generated task has started: the whole world is visible at once
+            str(future_days),  # 0: every generated task has started, the whole world is visible
         ]
         if start_ms is not None:
             args += ["--start-ms", str(start_ms)]

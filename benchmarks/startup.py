@@ -48,7 +48,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -57,23 +56,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.procs import AK, REPO, child_env
+from benchmarks.procs import REPO, EmulatorProcess, child_env
 
 VENV_BIN = REPO / ".venv" / "bin"
 PYTHON = VENV_BIN / "python"
 COMMAND = VENV_BIN / "opensearch-tasks"
 OLD_ENTRY = "import sys; sys.argv[0]='opensearch-tasks'; from pipelines.startup import entry_point; entry_point()"
-EMULATOR_WORLD = [
-    "--seed",
-    "42",
-    "--app-groups",
-    "2",
-    "--functions-per-group",
-    "3",
-    "--instances-per-function",
-    "2",
-]
-"""The demo's world: 2 app groups x 3 functions x 2 instances = 12 instances."""
+DEMO_SHAPE = {"app_groups": 2, "functions_per_group": 3, "instances_per_function": 2}
+"""The demo's world (seed 42): 2 app groups x 3 functions x 2 instances = 12 instances."""
 INSTANCES = 12
 TIMEOUT_S = 300.0
 
@@ -131,41 +121,6 @@ class Series:
         if self.error is not None:
             out["error"] = self.error
         return out
-
-
-class Emulator:
-    """``python -m opensearch_tasks.emulator`` with the demo's world, in its own process."""
-
-    def __init__(self, env: dict[str, str], workdir: Path) -> None:
-        # The secret comes from ALIBABA_CLOUD_ACCESS_KEY_SECRET in env, not the command line.
-        args = [str(PYTHON), "-m", "opensearch_tasks.emulator", "--port", "0", "--access-key-id", AK]
-        self._log = open(workdir / "emulator.log", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [*args, *EMULATOR_WORLD], stdout=subprocess.PIPE, stderr=self._log, env=env, cwd=workdir
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline().decode().strip()
-        if not line.startswith("emulator listening on "):
-            self.stop()
-            raise RuntimeError(f"emulator did not start (first line {line!r}); see {self._log.name}")
-        self.url = line.rsplit(" ", 1)[1]
-
-    def targets(self) -> list[list[str]]:
-        request = urllib.request.Request(f"{self.url}/_emulator/targets")  # noqa: S310 (loopback)
-        with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
-            return json.loads(response.read())
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        self._log.close()
 
 
 def busy_jiffies() -> int:
@@ -446,9 +401,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  old code imports {check_old_imports(old, tree)}", flush=True)
                 codes = [old, new]  # alternate: old, new, old, new, ...
 
-            emulator = Emulator(base_env, workdir)
+            emulator = EmulatorProcess(
+                60, env=base_env, workdir=workdir, seed=42, shape=DEMO_SHAPE, future_days=14
+            )
             stack.callback(emulator.stop)
-            targets = emulator.targets()
+            targets = [target.split("/") for target in emulator.targets()]
             if len(targets) != INSTANCES:
                 raise RuntimeError(f"the emulator serves {len(targets)} instances, not {INSTANCES}")
             target_args = [
