@@ -72,7 +72,7 @@ test-airflow: $(STAMP)
 	    -c requirements/airflow-constraints.txt "apache-airflow==$(AIRFLOW_VERSION)" -e .; \
 	  touch $(AIRFLOW_VENV)/.installed; \
 	fi
-	$(BIN)/pytest tests/test_airflow.py -v --durations=0
+	OPENSEARCH_TASKS_REQUIRE_AIRFLOW=1 $(BIN)/pytest tests/test_airflow.py -v --durations=0
 
 # Re-resolve the pinned set after changing dependencies in pyproject.toml.
 lock: $(STAMP)
