@@ -32,7 +32,7 @@ import math
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, astuple, dataclass, field, fields, replace
 from datetime import datetime
 from typing import Any
 
@@ -175,14 +175,10 @@ class AlertRules:
     def settings_rows(self) -> list[tuple[Any, ...]]:
         """Rows of ``raw.alert_settings``: (app_group, function_name, instance_name, thresholds...),
         NULL meaning "any"; the model takes the most specific row that matches an instance."""
-        rows = [(None, None, None, *astuple_of(self.defaults))]
-        rows += [(None, fn, None, *astuple_of(t)) for fn, t in sorted(self.functions.items())]
-        rows += [(*target, *astuple_of(t)) for target, t in sorted(self.instances.items())]
+        rows = [(None, None, None, *astuple(self.defaults))]
+        rows += [(None, fn, None, *astuple(t)) for fn, t in sorted(self.functions.items())]
+        rows += [(*target, *astuple(t)) for target, t in sorted(self.instances.items())]
         return rows
-
-
-def astuple_of(thresholds: Thresholds) -> tuple[Any, ...]:
-    return tuple(getattr(thresholds, f.name) for f in fields(Thresholds))
 
 
 def _table(section: Mapping[str, Any], name: str, where: str) -> dict[str, Any]:

@@ -62,6 +62,8 @@ class FlowControl:
 
     def before_request(self) -> None:
         """Wait for this request's slot when the run is paced."""
+        if self._state[_RATE] <= 0:  # unpaced (the usual case): no lock on the request path
+            return
         with self._lock:
             rate = self._state[_RATE]
             if rate <= 0:
