@@ -123,13 +123,13 @@ VERSIONS: tuple[Version, ...] = (
     Version(
         "b2", LOAD_2, _t("2024-03-07", "10:00"), "success", 200,
         json.dumps({"recall": 93, "metrics": {"ndcg": {"at10": 0.55}}, "extra": "text"}),
-        {"recall": 93.0, "metrics__ndcg__at10": 0.55, "extra": "text"},
+        {"recall": 93.0, "metrics__ndcg__at10": 0.55, "extra__v_text": "text"},
     ),
     Version("b3", LOAD_2, _t("2024-03-08", "10:00"), "failed", 400, "[1, 2]"),
     Version(
         "b4", LOAD_2, _t("2024-03-08", "12:00"), "failed", 300,
         json.dumps({"errors": [{"code": "E_DATA"}], "recall": "n/a"}),
-        {"errors": '[{"code": "E_DATA"}]', "recall__v_text": "n/a"},
+        {"errors__v_text": '[{"code": "E_DATA"}]', "recall__v_text": "n/a"},
     ),
     Version("b5", LOAD_2, _t("2024-03-08", "13:00"), "running", None, "", progress=10),
     Version(

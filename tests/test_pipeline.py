@@ -15,6 +15,7 @@ import opensearch_tasks.source as source_module
 import pytest
 from opensearch_tasks.cursor import InstanceCursor
 from opensearch_tasks.emulator import FaultPlan
+from opensearch_tasks.records import ColumnKinds
 from opensearch_tasks.runner import run
 
 from tests.cli_helpers import assert_truth_as_of, cli_env
@@ -238,9 +239,7 @@ def test_camel_and_pascal_bodies_give_identical_tables(make_emulator, tmp_path):
     )
     tables = []
     for name, emulator in (("camel", camel), ("pascal", pascal)):
-        # One worker: with several, which instance is read first decides whether a type-drifting
-        # key's odd values land in the main column or its __v_ variant (never lost either way).
-        config = config_for(emulator, tmp_path / name, workers=1)
+        config = config_for(emulator, tmp_path / name)
         run_ok(config)
         assert_equals_truth(duckdb_rows(config.duckdb_path), emulator)
         ignored = {"_dlt_load_id", "_dlt_id", "fetched_at"}
@@ -278,7 +277,7 @@ def test_malformed_and_type_drifting_extend_info_keep_the_row(make_emulator, tmp
         "odd-null": "null",
         "odd-array": "[1, 2]",
         "odd-drift": '{"recall": "91%", "metrics": {"auc": true}}',
-        "odd-numeric": '{"recall": 0.9}',  # newest, read first: fixes recall as a number
+        "odd-numeric": '{"recall": 0.9}',
         "odd-nested": '{"metrics": {"precision": 0.5, "deep": {"x": 1}}, "errors": [{"message": "boom"}]}',
     }
     for i, (run_id, raw) in enumerate(odd.items()):
@@ -302,9 +301,76 @@ def test_malformed_and_type_drifting_extend_info_keep_the_row(make_emulator, tmp
     assert rows["odd-nested"]["is_extend_info_malformed"] is False
     assert rows["odd-nested"]["extend_info__metrics__precision"] == 0.5
     assert rows["odd-nested"]["extend_info__metrics__deep__x"] == 1.0
-    assert '"boom"' in rows["odd-nested"]["extend_info__errors"]
-    # recall is a number elsewhere in this world; the string goes to a variant column.
+    assert '"boom"' in rows["odd-nested"]["extend_info__errors__v_text"]
+    # numbers keep the plain column, text and booleans go to its variants, whatever came first
     assert rows["odd-drift"]["extend_info__recall__v_text"] == "91%"
+    assert rows["odd-drift"]["extend_info__metrics__auc__v_bool"] is True
+    assert rows["odd-numeric"]["extend_info__recall"] == 0.9
+
+
+def _first_type_wins(self: ColumnKinds, column: str, kind: str) -> str:
+    """The rule before 0.2 (the first type seen for a key typed its plain column), to build an
+    older table."""
+    if self.kinds.setdefault(column, kind) == kind:
+        return column
+    self.kinds.setdefault(f"{column}__v_{kind}", kind)
+    return f"{column}__v_{kind}"
+
+
+@pytest.mark.parametrize("destination", ["duckdb", "parquet"])
+def test_a_table_typed_by_the_older_rule_keeps_loading_and_a_full_refresh_upgrades_it(
+    make_emulator, tmp_path, monkeypatch, destination
+):
+    """The upgrade path the README gives: an older table whose plain column holds text keeps
+    loading (that column keeps its type, numbers go to ``__v_double``); into DuckDB,
+    ``--full-refresh`` reloads it under the value-typed rule."""
+    emu = make_emulator(keys={AK: SECRET}, app_groups=1, functions_per_group=1, instances_per_function=1)
+    app, fn, inst = emu.targets()[0]
+    emu.add_task(
+        app,
+        fn,
+        inst,
+        start_ms=emu.now_ms - 60_000,
+        end_ms=emu.now_ms - 1_000,
+        extend_info='{"recall": "91%"}',
+        run_id="text-recall",
+    )
+    lake = str(tmp_path / "lake") if destination == "parquet" else None
+    config = config_for(emu, tmp_path, destination=destination, parquet_dir=lake)
+
+    def newest_rows() -> list[dict[str, Any]]:
+        return parquet_newest_rows(lake) if lake else duckdb_rows(config.duckdb_path)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ColumnKinds, "place", _first_type_wins)
+        run_ok(config)
+    emu.advance(hours=1)
+    emu.add_task(
+        app,
+        fn,
+        inst,
+        start_ms=emu.now_ms - 60_000,
+        end_ms=emu.now_ms - 1_000,
+        extend_info='{"recall": 0.93}',
+        run_id="numeric-recall",
+    )
+    run_ok(config)
+    rows = newest_rows()
+    assert_equals_truth(rows, emu)
+    by_run = {row["run_id"]: row for row in rows}
+    assert by_run["text-recall"]["extend_info__recall"] == "91%"  # the older table's text column
+    assert by_run["numeric-recall"]["extend_info__recall__v_double"] == 0.93
+
+    if lake:  # a full refresh into Parquet keeps the older files: the upgrade is a new folder
+        return
+    config.full_refresh = True
+    run_ok(config)
+    config.full_refresh = False
+    rows = newest_rows()
+    assert_equals_truth(rows, emu)
+    by_run = {row["run_id"]: row for row in rows}
+    assert by_run["text-recall"]["extend_info__recall__v_text"] == "91%"
+    assert by_run["numeric-recall"]["extend_info__recall"] == 0.93
 
 
 def test_discovery_of_functions_and_instances(emu, tmp_path):

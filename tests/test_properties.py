@@ -138,8 +138,8 @@ def test_parse_extend_info_flattens_the_documented_way():
         {
             "extend_info__metrics__hit_rate": 1.0,
             "extend_info__metrics__auc": 0.5,
-            "extend_info__errors": '["x",2]',
-            "extend_info__ok": True,
+            "extend_info__errors__v_text": '["x",2]',
+            "extend_info__ok__v_bool": True,
         },
         False,
     )
@@ -285,6 +285,84 @@ def test_reconciled_tables_of_two_processes_lose_no_value(items, split):
             # kept, or moved to the variant of its own kind; either way one type per name
             assert after in (before, f"{before}__v_{parent.kinds[after]}")
             assert reconciled.schema.field(after).type == KIND_TYPES[parent.kinds[after]]
+
+
+drifting_values = st.one_of(
+    st.integers(-5, 5),
+    st.floats(-1, 1),
+    st.booleans(),
+    st.text(max_size=3),
+    st.lists(st.integers(0, 2), max_size=2),
+)
+drifting_infos = st.dictionaries(
+    st.sampled_from(["auc", "recall", "errors", "hitRate", "hit_rate"]),
+    drifting_values | st.dictionaries(st.sampled_from(["auc", "note"]), drifting_values, max_size=2),
+    max_size=4,
+)
+
+
+def _columns_and_values(
+    tables: list[pa.Table],
+) -> tuple[dict[str, pa.DataType], dict[str, dict[str, Any]]]:
+    """Every flattened column with its one type (asserted), and each task's non-null values."""
+    types: dict[str, pa.DataType] = {}
+    values: dict[str, dict[str, Any]] = {}
+    for table in tables:
+        for field_ in table.schema:
+            if field_.name.startswith("extend_info__"):
+                assert types.setdefault(field_.name, field_.type) == field_.type, field_.name
+        for row in table.to_pylist():
+            values[row["run_id"]] = {
+                k: v for k, v in row.items() if k.startswith("extend_info__") and v is not None
+            }
+    return types, values
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    infos=st.lists(drifting_infos, min_size=1, max_size=8),
+    order=st.randoms(use_true_random=False),
+    pipelines=st.integers(1, 4),
+)
+def test_flattened_columns_do_not_depend_on_read_order_or_split(infos, order, pipelines):
+    """The typing rule depends on the values only: the same tasks read in any order, split across
+    any number of pipelines or processes (each with its own registry, as separate dlt pipelines
+    have their own schemas), give the same columns, each with one type, and the same values."""
+    items = [
+        {"runId": f"r{i}", "startTime": 1_790_000_000_000 + i, "extendInfo": orjson.dumps(info).decode()}
+        for i, info in enumerate(infos)
+    ]
+    serial = [records_to_table(items, TARGET, 1, ColumnKinds())]
+    shuffled = list(items)
+    order.shuffle(shuffled)
+    parts = [shuffled[k::pipelines] for k in range(pipelines)]
+    split = [records_to_table(part, TARGET, 1, ColumnKinds()) for part in parts if part]
+    serial_types, serial_values = _columns_and_values(serial)
+    split_types, split_values = _columns_and_values(split)
+    assert split_types == serial_types
+    assert split_values == serial_values
+    for name, type_ in serial_types.items():  # the rule itself, as the README states it
+        expected = {"__v_text": pa.string(), "__v_bool": pa.bool_()}.get(name[-8:], pa.float64())
+        assert type_ == expected, name
+
+
+def test_a_column_an_older_table_typed_as_text_keeps_its_type():
+    """Tables loaded before the rule (first type seen won) may hold a plain text column: it keeps
+    loading as text, and numbers for that key go to its ``__v_double`` variant."""
+    kinds = ColumnKinds.from_dlt_columns(
+        {"extend_info__recall": {"data_type": "text"}, "extend_info__auc": {"data_type": "double"}}
+    )
+    items = [
+        {"runId": "a", "startTime": 1_790_000_000_000, "extendInfo": '{"recall": "91%", "auc": 0.5}'},
+        {"runId": "b", "startTime": 1_790_000_000_001, "extendInfo": '{"recall": 0.9, "auc": "n/a"}'},
+    ]
+    table = records_to_table(items, TARGET, 1, kinds)
+    rows = {row["run_id"]: row for row in table.to_pylist()}
+    assert table.schema.field("extend_info__recall").type == pa.string()
+    assert rows["a"]["extend_info__recall"] == "91%"
+    assert rows["b"]["extend_info__recall__v_double"] == 0.9
+    assert rows["a"]["extend_info__auc"] == 0.5
+    assert rows["b"]["extend_info__auc__v_text"] == "n/a"
 
 
 def _flattened_in_two_batches(items: list[Any], split: int, kinds: ColumnKinds) -> list[pa.Table] | None:

@@ -8,8 +8,9 @@ flattening of ``extendInfo`` are decided in one place:
 * ``extendInfo`` (a JSON *string*) is kept raw and flattened into ``extend_info__<path>`` columns;
   lists (``errors``) become JSON text, so SQL can query them with DuckDB's JSON functions;
   a malformed or non-object value keeps the row, the raw string, and sets ``is_extend_info_malformed``;
-* a flattened key whose type changes goes to a ``<column>__v_<type>`` variant column, the way dlt
-  names variants, so one odd value never breaks a load nor silently overwrites a typed column.
+* a flattened column's name and type follow from each value's own JSON type, never from which
+  task was read first (``ColumnKinds``): numbers keep the plain name, text and booleans go to
+  ``<column>__v_text`` / ``__v_bool``, named the way dlt names variants.
 """
 
 from __future__ import annotations
@@ -152,15 +153,20 @@ def raw_extend_info(value: Any) -> str | None:
 _KIND_OF_TYPE: dict[type, str] = {float: "double", int: "double", bool: "bool", str: "text"}
 
 
-def value_kind(value: Any) -> str:
-    return _KIND_OF_TYPE.get(type(value), "text")
+PLAIN_KIND = "double"  # the kind whose values keep a flattened key's plain column name
 
 
 @dataclass
 class ColumnKinds:
-    """The first type seen for each flattened column wins; later odd values go to variants.
+    """Which column each flattened value goes to: a rule of the value's own JSON type, so the same
+    tasks give the same columns and types in any read order, split across any workers, processes
+    or pipelines.
 
-    Seeded from the destination schema, so a column keeps its type across runs.
+    Numbers go to ``extend_info__<path>`` (double); text and lists (as JSON text) to
+    ``<that>__v_text``; booleans to ``<that>__v_bool``. One exception keeps older tables loading:
+    a plain column the destination already holds with another type (tables loaded before this
+    rule, when the first type seen won) keeps that type, seeded by ``from_dlt_columns``; its
+    numbers then go to ``__v_double``. ``kinds`` holds every column known so far, in that order.
     """
 
     kinds: dict[str, str] = field(default_factory=dict)
@@ -228,15 +234,17 @@ class ColumnKinds:
         # fails here, as a bug should (kinds are first-wins, and ``reconcile`` renamed the odd ones)
         return self.widen(pa.concat_tables(tables, promote_options="default"), load_id)
 
-    def place(self, column: str, value: Any) -> tuple[str, str]:
-        """Return (column to write, kind) for a value, registering the column when new."""
-        kind = value_kind(value)
-        known = self.kinds.setdefault(column, kind)
+    def place(self, column: str, kind: str) -> str:
+        """The column for a value of ``kind`` under the plain name ``column``, registered when new."""
+        known = self.kinds.get(column)
         if known == kind:
-            return column, kind
+            return column
+        if known is None and kind == PLAIN_KIND:
+            self.kinds[column] = kind
+            return column
         variant = f"{column}__v_{kind}"
         self.kinds.setdefault(variant, kind)
-        return variant, kind
+        return variant
 
 
 @dataclass
@@ -442,9 +450,9 @@ class TaskBatch:
             elif value is None:
                 continue
             else:
-                kind = kind_of(value_type, "text")  # value_kind, inlined
-            if kinds.setdefault(column, kind) != kind:
-                column, kind = self.kinds.place(column, value)
+                kind = kind_of(value_type, "text")
+            if kinds.get(column) != kind:  # a new column, or a variant (see ColumnKinds)
+                column = self.kinds.place(column, kind)
             values = extra.get(column)
             if values is None:
                 values = extra[column] = _new_values(kind, size)
