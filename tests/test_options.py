@@ -31,10 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import pytest
 from opensearch_tasks import cli, options
 from opensearch_tasks import source as source_module
-from opensearch_tasks.runner import RunConfig, build_source
+from opensearch_tasks.runner import RunConfig, build_source, run
 from opensearch_tasks.source import RunReport
 from opensearch_tasks.targets import parse_targets
 
@@ -109,6 +110,15 @@ def _flag(name: str, value: str) -> tuple[str, str]:
 
 
 LAYERS = [
+    Layers(
+        "account",
+        '"file_acct"',
+        "file_acct",
+        "env_acct",
+        "env_acct",
+        _flag("account", "flag_acct"),
+        "flag_acct",
+    ),
     Layers(
         "targets",
         '["file_app", "file_app2/ctr"]',
@@ -776,3 +786,127 @@ def test_numeric_access_key_id_is_never_echoed(
     line = one_error_line(done)
     assert "incomplete credentials" in line, line
     assert "987654321" not in done.err + done.out
+
+
+# --- 5. named accounts: each its own block, keys, pipeline and cursors ----------------------------
+
+ACCOUNTS_CONFIG = """
+[sources.opensearch_tasks]
+region = "cn-shanghai"
+targets = ["shared_app"]
+
+[sources.opensearch_tasks.accounts.prod_cn]
+targets = ["app_cn/ctr"]
+
+[sources.opensearch_tasks.accounts.prod_sg]
+targets = ["app_sg"]
+region = "ap-southeast-1"
+"""
+ACCOUNTS_SECRETS = """
+[sources.opensearch_tasks]
+access_key_id = "Shared-Id-0000"
+access_key_secret = "Shared-Secret-0000"
+
+[sources.opensearch_tasks.accounts.prod_cn]
+access_key_id = "Cn-Id-1111"
+access_key_secret = "Cn-Secret-1111"
+"""
+
+
+def _write_accounts(project: Path) -> None:
+    (project / ".dlt" / "config.toml").write_text(ACCOUNTS_CONFIG)
+    (project / ".dlt" / "secrets.toml").write_text(ACCOUNTS_SECRETS)
+
+
+def test_an_account_reads_its_own_block_and_shares_only_region_and_endpoint(project: Path) -> None:
+    _write_accounts(project)
+    assert options.accounts_in_files() == ["prod_cn", "prod_sg"]
+    cn = config_from_cli("--account", "prod_cn")
+    assert (cn.account, list(cn.targets or []), cn.region) == ("prod_cn", ["app_cn/ctr"], "cn-shanghai")
+    assert cn.credentials == {"access_key_id": "Cn-Id-1111", "access_key_secret": "Cn-Secret-1111"}
+    assert cn.pipeline_name == "opensearch_tasks__prod_cn"
+    sg = config_from_cli("--account", "prod_sg")
+    assert (list(sg.targets or []), sg.region) == (["app_sg"], "ap-southeast-1")
+    assert sg.credentials == {}, "an account must never borrow the shared keys"
+    with pytest.raises(cli.UsageError, match=r"account 'prod_sg' has no keys: .*accounts\.prod_sg"):
+        sg.validate()
+    shared = config_from_cli()
+    assert (shared.account, list(shared.targets or []), shared.pipeline_name) == (
+        None,
+        ["shared_app"],
+        "opensearch_tasks",
+    )
+    assert shared.credentials["access_key_id"] == "Shared-Id-0000"
+
+
+def test_an_accounts_environment_variables_beat_its_block(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _write_accounts(project)
+    monkeypatch.setenv("SOURCES__OPENSEARCH_TASKS__ACCOUNT", "prod_sg")
+    monkeypatch.setenv("SOURCES__OPENSEARCH_TASKS__ACCOUNTS__PROD_SG__ACCESS_KEY_ID", "Sg-Id-2222")
+    monkeypatch.setenv("SOURCES__OPENSEARCH_TASKS__ACCOUNTS__PROD_SG__ACCESS_KEY_SECRET", "Sg-Secret-2")
+    monkeypatch.setenv("SOURCES__OPENSEARCH_TASKS__ACCOUNTS__PROD_SG__TARGETS", '["app_sg2"]')
+    config = config_from_cli()
+    assert config.account == "prod_sg"
+    assert list(config.targets or []) == ["app_sg2"]
+    assert config.credentials == {"access_key_id": "Sg-Id-2222", "access_key_secret": "Sg-Secret-2"}
+    assert config_from_cli("--target", "flag_app").targets == ["flag_app"]  # a flag still wins
+
+
+@pytest.mark.parametrize("name", ["Prod", "prod-cn", "1prod", "prod.cn", ""])
+def test_a_bad_account_name_is_one_clear_line(
+    project: Path, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    done = run_cli(["run", "--account", name], capsys)
+    line = one_error_line(done)
+    assert "--account" in line, line
+    assert ("lower-case name" if name else "non-empty") in line, line
+
+
+def test_an_account_without_targets_is_named(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _write_accounts(project)
+    done = run_cli(["run", "--account", "prod_xx"], capsys)
+    line = one_error_line(done)
+    assert "account 'prod_xx' has no targets" in line, line
+    assert "sources.opensearch_tasks.accounts.prod_xx.targets" in line, line
+
+
+def test_two_accounts_load_with_their_own_keys_and_cursors(
+    project: Path, make_emulator: Callable[..., Any]
+) -> None:
+    """Two accounts into one DuckDB file, each signed with its own key, each under its own dlt
+    pipeline (so its own cursors); the table holds both, exactly."""
+    emu = make_emulator(
+        keys={"Cn-Id-1111": "Cn-Secret-1111", "Sg-Id-2222": "Sg-Secret-2222"},
+        app_groups=2,
+        functions_per_group=1,
+        instances_per_function=2,
+        tasks_per_instance=30,
+    )
+    first, second = sorted({t[0] for t in emu.targets()})
+    (project / ".dlt" / "config.toml").write_text(
+        f'[sources.opensearch_tasks]\nendpoint = "{emu.url}"\nduckdb_path = "out/t.duckdb"\n'
+        f'[sources.opensearch_tasks.accounts.prod_cn]\ntargets = ["{first}"]\n'
+        f'[sources.opensearch_tasks.accounts.prod_sg]\ntargets = ["{second}"]\n'
+    )
+    (project / ".dlt" / "secrets.toml").write_text(
+        '[sources.opensearch_tasks.accounts.prod_cn]\naccess_key_id = "Cn-Id-1111"\n'
+        'access_key_secret = "Cn-Secret-1111"\n'
+        '[sources.opensearch_tasks.accounts.prod_sg]\naccess_key_id = "Sg-Id-2222"\n'
+        'access_key_secret = "Sg-Secret-2222"\n'
+    )
+    for account, app in (("prod_cn", first), ("prod_sg", second)):
+        emu.reset_requests()
+        config = config_from_cli("--account", account, "--no-models")
+        config.pipelines_dir = str(project / "pipelines")
+        assert run(config).report.ok
+        signed = {r.access_key_id for r in emu.requests}
+        assert signed == {"Cn-Id-1111" if account == "prod_cn" else "Sg-Id-2222"}, signed
+        assert {r.target[0] for r in emu.requests if r.target} == {app}
+    assert_equals_truth(duckdb_rows(str(project / "out" / "t.duckdb")), emu)
+    with duckdb.connect(str(project / "out" / "t.duckdb"), read_only=True) as con:
+        names = con.execute(
+            "select distinct pipeline_name from opensearch_tasks._dlt_pipeline_state order by 1"
+        ).fetchall()
+    assert names == [("opensearch_tasks__prod_cn",), ("opensearch_tasks__prod_sg",)]

@@ -19,9 +19,11 @@ without importing dlt (a slow import); a test checks that both lookups agree.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import re
 import tempfile
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
@@ -42,6 +44,7 @@ SECTION = ("sources", "opensearch_tasks")
 ENV_PREFIX = "SOURCES__OPENSEARCH_TASKS__"
 DEFAULT_DUCKDB_PATH = "data/opensearch.duckdb"
 DEFAULT_PARQUET_MODELS_PATH = "data/opensearch_parquet.duckdb"  # the model views over Parquet
+ACCOUNT_NAME = re.compile(r"[a-z][a-z0-9_]{0,62}")
 
 
 def _integer(value: Any) -> int:
@@ -115,6 +118,16 @@ def _text_list(value: Any) -> list[str]:
     return list(value)  # an empty or malformed name is left for the target parser to name
 
 
+def _account(value: Any) -> str:
+    """An account's name: it names a TOML table, an environment variable and an Airflow Connection."""
+    name = _text(value)
+    if not ACCOUNT_NAME.fullmatch(name):
+        raise ValueError(
+            "expected a lower-case name of letters, digits and '_' starting with a letter, e.g. prod_cn"
+        )
+    return name
+
+
 def _between(low: float, high: float) -> Callable[[Any], str | None]:
     def check(value: Any) -> str | None:
         return None if low <= value <= high else f"must be between {low:g} and {high:g}"
@@ -174,6 +187,15 @@ class Option:
 _DESTINATION_COMMANDS = ("run", "models", "alerts")
 
 OPTIONS: tuple[Option, ...] = (
+    Option(
+        "account",
+        _account,
+        None,
+        "load one named account: its targets, region, endpoint and keys from "
+        "[sources.opensearch_tasks.accounts.NAME] (its own dlt pipeline and cursors)",
+        metavar="NAME",
+        source=False,
+    ),
     Option(
         "targets",
         _text_list,
@@ -305,6 +327,10 @@ OPTIONS: tuple[Option, ...] = (
 BY_NAME: dict[str, Option] = {option.name: option for option in OPTIONS}
 SOURCE_OPTIONS: tuple[str, ...] = tuple(o.name for o in OPTIONS if o.source and not o.secret)
 CREDENTIAL_OPTIONS: tuple[str, ...] = tuple(o.name for o in OPTIONS if o.secret)
+# With --account, these come from the account's own block; region and endpoint fall back to the
+# shared settings, targets and keys never do (another account's keys must not be used by mistake).
+ACCOUNT_OPTIONS: tuple[str, ...] = ("targets", "region", "endpoint", *CREDENTIAL_OPTIONS)
+SHARED_WITH_ACCOUNTS: tuple[str, ...] = ("region", "endpoint")
 
 
 def default(name: str) -> Any:
@@ -351,10 +377,42 @@ def _section_of(path: Path) -> Mapping[str, Any]:
         return {}
     except (OSError, tomllib.TOMLDecodeError) as error:
         raise UsageError(f"{path}: cannot read it as TOML: {error}") from None
-    node: Any = document
-    for part in SECTION:
+    return _table(document, SECTION)
+
+
+def _table(node: Any, parts: Iterable[str]) -> Mapping[str, Any]:
+    for part in parts:
         node = node.get(part, {}) if isinstance(node, dict) else {}
     return node if isinstance(node, dict) else {}
+
+
+def account_env_var(account: str, name: str) -> str:
+    return f"{ENV_PREFIX}ACCOUNTS__{account.upper()}__{name.upper()}"
+
+
+def account_key(account: str, name: str) -> str:
+    return ".".join((*SECTION, "accounts", account, name))
+
+
+def pipeline_name_for(account: str | None, app_group: str | None = None) -> str:
+    """The dlt pipeline of an account (and, for parallel loads, of one of its app groups): its own
+    state, so its own cursors. Readable and safe as a folder name; a hash keeps two app groups
+    whose names differ only in characters a folder name cannot hold apart."""
+    name = PIPELINE_NAME + (f"__{account}" if account else "")
+    if app_group is None:
+        return name
+    readable = re.sub(r"[^a-z0-9]+", "_", app_group.lower()).strip("_")[:40] or "app"
+    if readable != app_group:
+        readable += "_" + hashlib.sha256(app_group.encode()).hexdigest()[:8]
+    return f"{name}__{readable}"
+
+
+def accounts_in_files(environ: Mapping[str, str] | None = None) -> list[str]:
+    """The account names declared in ``[sources.opensearch_tasks.accounts.*]`` of the settings files."""
+    names: dict[str, None] = {}
+    for path in settings_files(environ):
+        names.update(dict.fromkeys(_table(_section_of(path), ("accounts",))))
+    return list(names)
 
 
 @dataclass(frozen=True)
@@ -375,39 +433,81 @@ def resolve(
 ) -> Resolved:
     """Each option's value: flag, environment, secrets.toml, config.toml, default (first found).
 
-    ``flags`` holds what the caller was given explicitly (``None`` means not given).
+    ``flags`` holds what the caller was given explicitly (``None`` means not given). With an
+    ``account`` (flag, environment or files), the options in ``ACCOUNT_OPTIONS`` are looked up in
+    that account's block first: ``SOURCES__OPENSEARCH_TASKS__ACCOUNTS__<NAME>__<OPTION>``, then
+    ``[sources.opensearch_tasks.accounts.<name>]`` in the files.
     """
     flags = flags or {}
     environ = os.environ if environ is None else environ
     wanted = [BY_NAME[name] for name in names] if names is not None else list(OPTIONS)
-    files: list[tuple[Path, Mapping[str, Any]]] | None = None
+    lookup = _Lookup(environ)
     values: dict[str, Any] = {}
     origins: dict[str, str] = {}
+    account: str | None = None
+    if any(option.name in ACCOUNT_OPTIONS or option.name == "account" for option in wanted):
+        account, origins["account"] = lookup.find(BY_NAME["account"], flags)
+        if BY_NAME["account"] in wanted:
+            values["account"] = account
     for option in wanted:
-        if flags.get(option.name) is not None:
-            origin = option.flag
-            values[option.name] = option.validate(flags[option.name], origin)
-        elif environ.get(option.env_var, "") != "":
-            origin = f"environment variable {option.env_var}"
-            values[option.name] = option.validate(environ[option.env_var], origin)
-        else:
-            if files is None:
-                files = [(path, _section_of(path)) for path in settings_files(environ)]
-            candidates = [(path, section) for path, section in files if option.name in section]
-            if option.secret:  # as dlt: a secret is read from secrets.toml only
-                misplaced = [path for path, _ in candidates if path.name != "secrets.toml"]
-                candidates = [c for c in candidates if c[0].name == "secrets.toml"]
-                if misplaced and not candidates:
-                    raise UsageError(
-                        f"{option.key} in {misplaced[0]}: a secret does not belong in config.toml "
-                        "(dlt refuses it there too); move it to .dlt/secrets.toml"
-                    )
-            found = candidates[0] if candidates else None
-            if found is None:
-                origin = "default"
-                values[option.name] = option.default
-            else:
-                origin = f"{option.key} in {found[0]}"
-                values[option.name] = option.validate(found[1][option.name], origin)
-        origins[option.name] = origin
+        if option.name == "account":
+            continue
+        found: tuple[Any, str] | None = None
+        if account and option.name in ACCOUNT_OPTIONS and flags.get(option.name) is None:
+            found = lookup.in_account(option, account)
+            if found is None and option.name not in SHARED_WITH_ACCOUNTS:
+                found = (option.default, f"default (no {account_key(account, option.name)})")
+        values[option.name], origins[option.name] = found or lookup.find(option, flags)
     return Resolved(values, origins)
+
+
+class _Lookup:
+    """The environment and the settings files, each file read once per ``resolve``."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self.environ = environ
+        self._files: list[tuple[Path, Mapping[str, Any]]] | None = None
+
+    @property
+    def files(self) -> list[tuple[Path, Mapping[str, Any]]]:
+        if self._files is None:
+            self._files = [(path, _section_of(path)) for path in settings_files(self.environ)]
+        return self._files
+
+    def find(self, option: Option, flags: Mapping[str, Any]) -> tuple[Any, str]:
+        """(value, where it came from) for a shared option."""
+        if flags.get(option.name) is not None:
+            return option.validate(flags[option.name], option.flag), option.flag
+        if self.environ.get(option.env_var, "") != "":
+            origin = f"environment variable {option.env_var}"
+            return option.validate(self.environ[option.env_var], origin), origin
+        found = self._in_files(option, [(path, section) for path, section in self.files], option.key)
+        return found or (option.default, "default")
+
+    def in_account(self, option: Option, account: str) -> tuple[Any, str] | None:
+        """(value, origin) from the account's environment variable or block, or None."""
+        env_var = account_env_var(account, option.name)
+        if self.environ.get(env_var, "") != "":
+            origin = f"environment variable {env_var}"
+            return option.validate(self.environ[env_var], origin), origin
+        blocks = [(path, _table(section, ("accounts", account))) for path, section in self.files]
+        return self._in_files(option, blocks, account_key(account, option.name))
+
+    @staticmethod
+    def _in_files(
+        option: Option, sections: list[tuple[Path, Mapping[str, Any]]], key: str
+    ) -> tuple[Any, str] | None:
+        candidates = [(path, section) for path, section in sections if option.name in section]
+        if option.secret:  # as dlt: a secret is read from secrets.toml only
+            misplaced = [path for path, _ in candidates if path.name != "secrets.toml"]
+            candidates = [c for c in candidates if c[0].name == "secrets.toml"]
+            if misplaced and not candidates:
+                raise UsageError(
+                    f"{key} in {misplaced[0]}: a secret does not belong in config.toml "
+                    "(dlt refuses it there too); move it to .dlt/secrets.toml"
+                )
+        if not candidates:
+            return None
+        path, section = candidates[0]
+        origin = f"{key} in {path}"
+        return option.validate(section[option.name], origin), origin

@@ -68,6 +68,7 @@ class RunConfig:
     (flags, environment, ``.dlt/`` files, defaults); the declarations live in ``options.py``."""
 
     targets: Sequence[str] | None = None
+    account: str | None = None  # a named account: its own block of settings, pipeline and cursors
     endpoint: str | None = None
     region: str = default("region")
     destination: str = default("destination")
@@ -113,6 +114,8 @@ class RunConfig:
             settings["models_path"] = duckdb_path  # with Parquet, --duckdb-path holds the models
         else:
             settings["duckdb_path"] = duckdb_path or DEFAULT_DUCKDB_PATH
+        if settings["account"] and settings["pipeline_name"] == options.default("pipeline_name"):
+            settings["pipeline_name"] = options.pipeline_name_for(settings["account"])
         config = cls(**settings, **run_only)
         config.credentials = {k: v for k, v in credentials.items() if v} or config.credentials
         return config
@@ -127,6 +130,18 @@ class RunConfig:
             raise UsageError("--destination parquet needs --parquet-dir DIR (or s3://BUCKET/PREFIX)")
         if self.since_ms is not None and self.until_ms is not None and self.since_ms >= self.until_ms:
             raise UsageError("--since must be before --until")
+        if self.account and not self.targets:
+            raise UsageError(
+                f"account {self.account!r} has no targets: set {options.account_key(self.account, 'targets')} "
+                f"in .dlt/config.toml (or {options.account_env_var(self.account, 'targets')})"
+            )
+        if self.account and not self.credentials.get("access_key_id"):
+            raise UsageError(
+                f"account {self.account!r} has no keys: set access_key_id and access_key_secret under "
+                f"[sources.opensearch_tasks.accounts.{self.account}] in .dlt/secrets.toml (or "
+                f"{options.account_env_var(self.account, 'access_key_id')} and ..._ACCESS_KEY_SECRET); "
+                "an account never falls back to the shared keys or the default credential chain"
+            )
         if not self.targets:
             raise UsageError(
                 "no targets: pass --target APP_GROUP[/FUNCTION[/INSTANCE]], or set "
