@@ -1,10 +1,17 @@
-"""OpenSearch training-task history into DuckDB (or Parquet), on a schedule, with data checks.
+"""OpenSearch training-task history into DuckDB or Parquet, on a schedule, with data checks.
 
-``plan`` -> ``load`` (one mapped task per app group) -> ``build_models`` -> ``check_data`` -> ``alerts``
+``plan`` -> ``load_serial`` / ``load_parallel`` (one mapped task per account and app group)
+-> ``build_models`` -> ``check_data`` -> ``alerts``
 
-* **plan** reads the targets and groups them by app group.
-* **load** runs ``opensearch_tasks.runner.run`` for one app group: its own Airflow task, log and retries, and
-  its own cursors (the source keeps one cursor per instance, and a load moves only its own instances').
+* **plan** reads the accounts and their targets, and plans one load per account and app group.
+* **load_parallel** (destination ``parquet``, a folder or object storage): the loads run at once, as
+  many as Airflow's pools and parallelism allow. Each has its own dlt pipeline
+  (``opensearch_tasks[__ACCOUNT]__APP_GROUP``), whose state (cursors) it restores from the
+  destination, and appends its own files; a failed load fails and retries alone.
+* **load_serial** (destination ``duckdb``): one load at a time (``max_active_tis_per_dag=1``),
+  because DuckDB takes one writing process and the runner refuses a second writer rather than wait.
+  The loads of an account share its dlt pipeline (cursors are kept per instance).
+  The kind not used is mapped over nothing and shows as skipped.
 * **build_models** (re)creates the ``analytics`` views once, after every load succeeded.
 * **check_data** fails the run (no retry) when a task key is duplicated, a success rate leaves [0, 1],
   or the newest load is older than the expected freshness.
@@ -12,15 +19,23 @@
   worker's ``[alerts]`` in ``.dlt/config.toml``); Variable ``opensearch_tasks_alerts_fail`` = true
   makes any alert fail the run.
 
+One schema whatever runs first: a flattened ``extendInfo`` column's name and type follow from each
+value's JSON type (README, "Limits"), so parallel pipelines writing one table agree on every column.
+
 Configuration lives in Airflow, never in this file (read inside the tasks, not at import):
 
 ======================================  ================================================================
-Variable ``opensearch_tasks_targets``   required: JSON list of ``APP_GROUP[/FUNCTION[/INSTANCE]]``
+Variable ``opensearch_tasks_targets``   JSON list of ``APP_GROUP[/FUNCTION[/INSTANCE]]`` of the
+                                        default account (Connection ``opensearch_tasks_default``)
+Variable ``opensearch_tasks_accounts``  more accounts: ``{"NAME": {"targets": [...], "region": ...,
+                                        "endpoint": ..., "conn_id": ...}}``; keys from Connection
+                                        ``conn_id`` (default ``opensearch_tasks_NAME``)
 Variable ``opensearch_tasks_endpoint``  endpoint URL (else the Connection's ``endpoint``, else region)
 Variable ``opensearch_tasks_region``    region (else the Connection's ``region``, else cn-hangzhou)
 Variable ``..._destination``            ``duckdb`` (default) or ``parquet``
 Variable ``..._duckdb_path``            default ``$AIRFLOW_HOME/data/opensearch.duckdb``
 Variable ``..._parquet_dir``            for ``parquet``: a folder (relative: under ``$AIRFLOW_HOME``)
+                                        or ``s3://BUCKET/PREFIX``
 Variable ``..._models_path``            for ``parquet``: the DuckDB file holding the models
 Variable ``..._pipelines_dir``          dlt working folders (default: dlt's ``~/.dlt/pipelines``)
 Variable ``..._freshness_hours``        newest load must be younger than this (default 24)
@@ -36,37 +51,25 @@ env ``OPENSEARCH_TASKS_SCHEDULE``       cron / preset read at parse time (defaul
 env ``OPENSEARCH_TASKS_RETRIES``        retries per task (default 2; 5 then 10 minutes apart)
 ======================================  ================================================================
 
+An app group belongs to one account (tasks are keyed by app group, function, instance and run id);
+``plan`` refuses a list that names one twice. A named account never falls back to the default
+account's keys.
+
 Why not dlt's ``PipelineTasksGroup``: it splits one source into tasks per *resource*, and this source has
-one resource; the fan-out wanted here is per *app group*, which is dynamic task mapping. It also points
-``DLT_DATA_DIR`` at a temporary folder and wipes local state after each task. Our runner can live with that
-(its state is per destination and restored from the destination), but it would lose what the runner uses
-the local folder for: finishing a load package a killed run left behind instead of fetching it again.
-So each task calls the runner, the one entry point the CLI and benchmarks share (locks, destination
-fingerprint, leftovers, per-instance failures). On workers without a persistent disk, point
-``opensearch_tasks_pipelines_dir`` at a temporary folder: state then comes back from the destination.
+one resource; the fan-out wanted here is per account and app group, which is dynamic task mapping. It
+also points ``DLT_DATA_DIR`` at a temporary folder and wipes local state after each task, which would
+lose what the runner uses the local folder for: finishing a load package a killed run left behind
+instead of fetching it again. So each task calls the runner, the one entry point the CLI and
+benchmarks share (locks, destination fingerprint, leftovers, per-instance failures). On workers
+without a persistent disk, point ``opensearch_tasks_pipelines_dir`` at a temporary folder: state then
+comes back from the destination.
 
-Why every app group loads under the one dlt pipeline ``opensearch_tasks`` (the CLI's), not a pipeline
-per app group: all app groups land in one table, and a dlt pipeline types new columns from its *own*
-schema. With a pipeline per app group, an ``extendInfo`` key that is a number in one app group and text
-in another makes the second load fail (``Could not convert string '93%' to DOUBLE``), in whichever order
-they run (tests/test_airflow.py injects exactly this). One pipeline keeps one schema, so the
-second type becomes a variant column as in any single run. Per-app-group state is not lost by this: the
-cursors live per instance inside the pipeline's state, a load only moves its own instances' cursors, and
-a failed app group leaves every cursor of the others as it was. It also means the CLI and the DAG share
-cursors when they write the same destination (the runner's lock keeps them from running at once).
+A notebook holding the DuckDB file open makes a load fail with a one-line "locked" error; the retry
+(with delay) picks it up once the notebook lets go. Freshness is the newest of dlt's ``_dlt_loads``
+and the newest ``fetched_at``. A run that finds nothing new or changed writes no load, so set
+``opensearch_tasks_freshness_hours`` above the longest quiet spell your training schedule has.
 
-Why the loads run one at a time (``max_active_tis_per_dag=1``, ``max_active_runs=1``): DuckDB allows one
-writing process, and the runner takes a lock per destination and refuses (RunError) rather than wait.
-Serialising in Airflow needs no pool to be created and keeps a refused load from burning retries; it is
-also what makes one shared pipeline state safe. Each load still reads its instances concurrently
-(``workers``). A notebook holding the DuckDB file open makes a load fail with a one-line "locked"
-error; the retry (with delay) picks it up once the notebook lets go.
-
-Freshness is the newest of dlt's ``_dlt_loads`` (DuckDB) and the newest ``fetched_at``. A run that finds
-nothing new or changed writes no load, so set ``opensearch_tasks_freshness_hours`` above the longest
-quiet spell your training schedule has (the default, 24 h, suits daily training).
-
-Its settings, planning and data checks live in the package (``opensearch_tasks.scheduling`` and
+Its settings, planning, loads and data checks live in the package (``opensearch_tasks.scheduling`` and
 ``opensearch_tasks.checks``); this file only wires tasks. Importing it reads only the environment: no
 network, no database, no dlt or DuckDB import. Settings not set in Airflow resolve as the command's do
 (``SOURCES__OPENSEARCH_TASKS__*`` environment variables, ``.dlt/config.toml``, the declared defaults).
@@ -82,7 +85,8 @@ from opensearch_tasks.scheduling import (
     ConfigError,
     Settings,
     fail_for_good,
-    group_targets,
+    load_group,
+    plan_loads,
     read_settings,
     retries_from_environment,
     schedule_from_environment,
@@ -125,58 +129,45 @@ def _settings() -> Settings:
     },
 )
 def opensearch_tasks() -> None:
-    @task
-    def plan() -> list[dict[str, Any]]:
-        """The app groups to load: one mapped ``load`` each."""
+    @task(multiple_outputs=True)
+    def plan() -> dict[str, list[dict[str, Any]]]:
+        """The loads: one per account and app group; ``parallel`` into Parquet, else ``serial``."""
         try:
-            groups = group_targets(_settings().targets)
+            loads = plan_loads(_settings())
         except ConfigError as error:
             raise fail_for_good(str(error)) from None
-        logger.info("%d app group(s): %s", len(groups), ", ".join(g["app_group"] for g in groups))
-        return groups
+        for kind, groups in loads.items():
+            if groups:
+                logger.info(
+                    "%d %s load(s): %s", len(groups), kind, ", ".join(g["label"] for g in groups)
+                )
+        if loads["serial"]:
+            logger.info("loads run one at a time: DuckDB takes one writing process")
+        return loads
 
-    @task(max_active_tis_per_dag=1, map_index_template="{{ app_group }}")
     def load(group: dict[str, Any]) -> dict[str, Any]:
-        """Load one app group; failed instances fail the task after the others' rows are stored."""
         try:
             from airflow.sdk import get_current_context
         except ImportError:
             from airflow.operators.python import get_current_context
-        get_current_context()["app_group"] = group["app_group"]  # type: ignore[literal-required]
-
-        from opensearch_tasks.errors import UsageError
-        from opensearch_tasks.report import format_summary
-        from opensearch_tasks.runner import run
-
+        get_current_context()["load_label"] = group["label"]  # type: ignore[literal-required]
         try:
-            config = _settings().run_config(build_models=False)
-            config.targets = group["targets"]
-            result = run(config)
-        except (ConfigError, UsageError) as error:
+            return load_group(_settings(), group)
+        except ConfigError as error:
             raise fail_for_good(str(error)) from None
-        logger.info(
-            "%s (pipeline %s)\n%s", group["app_group"], config.pipeline_name, format_summary(result)
-        )
-        if not result.report.ok:
-            failures = result.report.failures
-            raise RuntimeError(
-                f"{len(failures)} instance(s) of {group['app_group']} failed (their cursors are "
-                f"unchanged; the other instances were stored): {'; '.join(failures)}"
-            )
-        instances = result.report.instances
-        return {
-            "app_group": group["app_group"],
-            "pipeline_name": config.pipeline_name,
-            "targets": group["targets"],
-            "instances": len(instances),
-            "new": sum(r.new for r in instances),
-            "updated": sum(r.updated for r in instances),
-            "requests": result.report.requests,
-            "load_ids": list(result.load_info.loads_ids) if result.load_info else [],
-            "seconds": round(result.seconds, 2),
-        }
 
-    @task
+    @task(max_active_tis_per_dag=1, map_index_template="{{ load_label }}")
+    def load_serial(group: dict[str, Any]) -> dict[str, Any]:
+        """Load one app group into DuckDB; one at a time (one writing process)."""
+        return load(group)
+
+    @task(map_index_template="{{ load_label }}")
+    def load_parallel(group: dict[str, Any]) -> dict[str, Any]:
+        """Load one account's app group into Parquet under its own dlt pipeline, beside the others."""
+        return load(group)
+
+    # none_failed: the loads of the other kind are skipped (mapped over nothing)
+    @task(trigger_rule="none_failed")
     def build_models() -> list[str]:
         """The analytics views, once, after every app group is loaded."""
         from opensearch_tasks.runner import build_models_for
@@ -233,9 +224,12 @@ def opensearch_tasks() -> None:
             raise fail_for_good(f"{len(fired)} training alert(s) fire: see the task log")
         return [alert.to_json() for alert in fired]
 
-    loads = load.expand(group=plan())
-    built = build_models()
-    loads >> built >> check_data() >> alerts()
+    planned = plan()
+    loads = [
+        load_serial.expand(group=planned["serial"]),
+        load_parallel.expand(group=planned["parallel"]),
+    ]
+    loads >> build_models() >> check_data() >> alerts()
 
 
 opensearch_tasks()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import pwd
 import secrets
 import shutil
 import signal
@@ -80,6 +81,14 @@ class PostgresServer:
         self.port = free_port()
         self.folder = Path()
         self._as_postgres = os.geteuid() == 0
+        if self._as_postgres:
+            try:
+                pwd.getpwnam("postgres")
+            except KeyError:
+                pytest.fail(
+                    "running as root, PostgreSQL needs the `postgres` system user: run `make postgres`",
+                    pytrace=False,
+                )
 
     @property
     def url(self) -> str:
@@ -124,11 +133,12 @@ class PostgresServer:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if (self.folder / "data" / "postmaster.pid").exists():
-            self._run(
-                str(self.bin / "pg_ctl"), "-D", str(self.folder / "data"), "-m", "fast", "-w", "stop"
-            )
-        shutil.rmtree(self.folder, ignore_errors=True)
+        try:
+            if (self.folder / "data" / "postmaster.pid").exists():
+                data = str(self.folder / "data")
+                self._run(str(self.bin / "pg_ctl"), "-D", data, "-m", "fast", "-w", "stop")
+        finally:
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def _parse_time(value: str | None) -> datetime | None:
@@ -138,8 +148,8 @@ def _parse_time(value: str | None) -> datetime | None:
 class AirflowCluster:
     """Airflow's api-server, scheduler (LocalExecutor) and dag-processor on one PostgreSQL database.
 
-    Configured only through ``AIRFLOW__*`` variables (no airflow.cfg is read), with one set of secrets
-    shared by every process: the api-server signs the execution-API tokens the scheduler hands to its
+    Configured through ``AIRFLOW__*`` variables (they win over the airflow.cfg Airflow writes into the
+    home), with one set of secrets shared by every process: the api-server signs the execution-API tokens the scheduler hands to its
     workers, so both must agree on the JWT secret. ``env`` reaches every Airflow process and, through
     the LocalExecutor's forked workers, every task: ``AIRFLOW_VAR_*`` and ``AIRFLOW_CONN_*`` work there.
     """
@@ -325,8 +335,14 @@ class AirflowCluster:
         data = None if body is None else json.dumps(body).encode()
         headers = {"Content-Type": "application/json"}
         call = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)  # noqa: S310
-        with urllib.request.urlopen(call, timeout=timeout) as answer:  # noqa: S310 (http://127.0.0.1)
-            raw = answer.read()
+        try:
+            with urllib.request.urlopen(call, timeout=timeout) as answer:  # noqa: S310 (http://127.0.0.1)
+                raw = answer.read()
+        except urllib.error.HTTPError as error:  # the same error, with the api-server's explanation
+            detail = error.read().decode(errors="replace")[:2000]
+            raise urllib.error.HTTPError(
+                error.url, error.code, f"{method} {path}: {error.reason}: {detail}", error.headers, None
+            ) from None
         return json.loads(raw) if raw else None
 
     def _path(self, *parts: str) -> str:
@@ -376,6 +392,7 @@ class AirflowCluster:
         raise TimeoutError(f"DAG {dag_id} not parsed after {timeout}s; import errors: {errors}")
 
     def unpause(self, dag_id: str) -> None:
+        """DAGs start paused (``dags_are_paused_at_creation``): the scheduler runs nothing till then."""
         self.request("PATCH", self._path("dags", dag_id), {"is_paused": False})
 
     def trigger(self, dag_id: str, conf: Mapping[str, Any] | None = None) -> str:
@@ -384,6 +401,7 @@ class AirflowCluster:
         return str(self.request("POST", self._path("dags", dag_id, "dagRuns"), body)["dag_run_id"])
 
     def run_state(self, dag_id: str, run_id: str) -> str:
+        """queued, running, success or failed."""
         return str(self.request("GET", self._path("dags", dag_id, "dagRuns", run_id))["state"])
 
     def wait(self, dag_id: str, run_id: str, timeout: float = 300) -> str:
@@ -417,7 +435,7 @@ class AirflowCluster:
     def task_tries(
         self, dag_id: str, run_id: str, task_id: str, map_index: int = -1
     ) -> list[dict[str, Any]]:
-        """Every try of one task instance, oldest first, in the form of ``task_instances``."""
+        """Every try of one task instance, oldest first, as ``task_instances`` gives them (id None)."""
         path = self._path(
             "dags", dag_id, "dagRuns", run_id, "taskInstances", task_id, str(map_index), "tries"
         )

@@ -16,7 +16,7 @@ import duckdb
 import pytest
 from opensearch_tasks.checks import run_checks
 from opensearch_tasks.models import build_models_in_file, connect_models
-from opensearch_tasks.scheduling import ConfigError, group_targets, read_settings
+from opensearch_tasks.scheduling import ConfigError, group_targets, load_group, plan_loads, read_settings
 
 from tests.pipeline_helpers import AK, SECRET, config_for, run_ok
 
@@ -41,9 +41,16 @@ def test_variables_and_the_connection_become_the_run_configuration(airflow_home:
         "destination": "parquet",
         "parquet_dir": "lake",
     }
-    settings = read_settings(variables.get, lambda: _connection(endpoint="http://127.0.0.1:9"))
-    config = settings.run_config(build_models=False)
-    assert config.targets == ["shop_search", "news_feed/ctr/ctr_v2"]
+    settings = read_settings(variables.get, lambda conn_id: _connection(endpoint="http://127.0.0.1:9"))
+    loads = plan_loads(settings)
+    assert loads["serial"] == []  # Parquet: the loads run in parallel, a dlt pipeline each
+    assert [(g["app_group"], g["pipeline_name"]) for g in loads["parallel"]] == [
+        ("shop_search", "opensearch_tasks__shop_search"),
+        ("news_feed", "opensearch_tasks__news_feed"),
+    ]
+    config = settings.run_config(loads["parallel"][1], build_models=False)
+    assert config.targets == ["news_feed/ctr/ctr_v2"]
+    assert config.pipeline_name == "opensearch_tasks__news_feed"
     assert (config.page_size, config.workers, config.max_requests_per_second) == (25, 3, 40.0)
     assert config.endpoint == "http://127.0.0.1:9"
     assert config.credentials == {
@@ -60,9 +67,12 @@ def test_what_airflow_does_not_set_resolves_as_for_the_command(
     airflow_home: Path, monkeypatch: pytest.MonkeyPatch
 ):
     monkeypatch.setenv("SOURCES__OPENSEARCH_TASKS__PAGE_SIZE", "17")
-    settings = read_settings({"targets": "a b,c"}.get, lambda: None)
-    config = settings.run_config()
-    assert config.targets == ["a", "b", "c"]
+    settings = read_settings({"targets": "a b,c"}.get, lambda conn_id: None)
+    loads = plan_loads(settings)
+    assert [g["app_group"] for g in loads["serial"]] == ["a", "b", "c"]  # DuckDB: one at a time
+    assert {g["pipeline_name"] for g in loads["serial"]} == {"opensearch_tasks"}
+    config = settings.run_config(loads["serial"][1])
+    assert config.targets == ["b"]
     assert config.page_size == 17
     assert config.region == "cn-hangzhou" and config.credentials == {}
     assert config.duckdb_path == str(airflow_home / "data" / "opensearch.duckdb")
@@ -82,7 +92,7 @@ def test_bad_settings_fail_in_one_line_naming_the_variable(
     airflow_home: Path, variables: dict[str, str], message: str
 ):
     with pytest.raises(ConfigError) as error:
-        read_settings(variables.get, lambda: None).run_config()
+        plan_loads(read_settings(variables.get, lambda conn_id: None))
     assert message in str(error.value)
     assert "\n" not in str(error.value)
 
@@ -96,6 +106,135 @@ def test_the_plan_has_one_load_per_app_group_in_first_seen_order():
         group_targets(["a/nope"])
     with pytest.raises(ConfigError, match="empty list"):
         group_targets([])
+
+
+ACCOUNTS = {
+    "prod_cn": {"targets": ["cn_app", "cn_other/ctr"]},
+    "prod_sg": {"targets": ["sg_app"], "region": "ap-southeast-1", "conn_id": "sg_keys"},
+}
+
+
+def _connections(conn_id: str) -> Any:
+    return {
+        "opensearch_tasks_default": _connection(),
+        "opensearch_tasks_prod_cn": SimpleNamespace(
+            login="cn-id", password="cn-secret", extra_dejson={"region": "cn-shanghai"}
+        ),
+        "sg_keys": SimpleNamespace(login="sg-id", password="sg-secret", extra_dejson={}),
+    }.get(conn_id)
+
+
+@pytest.mark.parametrize("destination", ["duckdb", "parquet"])
+def test_accounts_plan_one_load_per_account_and_app_group_with_its_own_keys(
+    airflow_home: Path, destination: str
+):
+    variables = {
+        "targets": '["home_app"]',
+        "accounts": json.dumps(ACCOUNTS),
+        "destination": destination,
+        "parquet_dir": "lake",
+    }
+    settings = read_settings(variables.get, _connections)
+    loads = plan_loads(settings)
+    planned = loads["parallel" if destination == "parquet" else "serial"]
+    assert loads["serial" if destination == "parquet" else "parallel"] == []
+    assert [g["label"] for g in planned] == [
+        "home_app",
+        "prod_cn/cn_app",
+        "prod_cn/cn_other",
+        "prod_sg/sg_app",
+    ]
+    pipelines = [g["pipeline_name"] for g in planned]
+    if destination == "parquet":  # a pipeline per load: its own state, restored from the lake
+        assert pipelines == [
+            "opensearch_tasks__home_app",
+            "opensearch_tasks__prod_cn__cn_app",
+            "opensearch_tasks__prod_cn__cn_other",
+            "opensearch_tasks__prod_sg__sg_app",
+        ]
+    else:  # a pipeline per account: its own cursors
+        assert pipelines == [
+            "opensearch_tasks",
+            "opensearch_tasks__prod_cn",
+            "opensearch_tasks__prod_cn",
+            "opensearch_tasks__prod_sg",
+        ]
+    configs = [settings.run_config(group) for group in planned]
+    assert [c.credentials["access_key_id"] for c in configs] == ["conn-id", "cn-id", "cn-id", "sg-id"]
+    assert [c.region for c in configs] == ["cn-hangzhou", "cn-shanghai", "cn-shanghai", "ap-southeast-1"]
+    assert [list(c.targets or []) for c in configs] == [
+        ["home_app"],
+        ["cn_app"],
+        ["cn_other/ctr"],
+        ["sg_app"],
+    ]
+
+
+@pytest.mark.parametrize(
+    ("accounts", "message"),
+    [
+        ({"Prod": {"targets": ["a"]}}, "account name 'Prod'"),
+        ({"prod": ["a"]}, "account 'prod' must be a JSON object"),
+        ({"prod": {"targets": []}}, "account 'prod' needs \"targets\""),
+        ({"prod": {"targets": ["a"], "key": "x"}}, "unknown key(s) key"),
+        ({"prod": {"targets": ["a/nope"]}}, "(account 'prod'): invalid target 'a/nope'"),
+        (
+            {"prod": {"targets": ["home_app/ctr"]}},
+            "app group 'home_app' is listed for account 'default'",
+        ),
+    ],
+)
+def test_bad_accounts_fail_in_one_line_naming_the_account(
+    airflow_home: Path, accounts: dict[str, Any], message: str
+):
+    variables = {"targets": '["home_app"]', "accounts": json.dumps(accounts)}
+    with pytest.raises(ConfigError) as error:
+        plan_loads(read_settings(variables.get, _connections))
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_an_account_without_a_connection_fails_for_good_naming_it(airflow_home: Path):
+    variables = {"accounts": json.dumps({"prod_xx": {"targets": ["x_app"]}})}
+    settings = read_settings(variables.get, _connections)
+    (group,) = plan_loads(settings)["serial"]
+    with pytest.raises(
+        ConfigError,
+        match="account 'prod_xx' has no keys: create the Connection opensearch_tasks_prod_xx",
+    ):
+        settings.run_config(group)
+
+
+def test_parallel_loads_of_two_accounts_into_one_lake_equal_the_truth(make_emulator, airflow_home: Path):
+    """load_group, as the DAG's load_parallel calls it: two accounts' app groups into one Parquet
+    folder, each under its own dlt pipeline and keys, concurrently (threads standing in for workers)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.pipeline_helpers import assert_equals_truth, parquet_newest_rows
+
+    emu = make_emulator(
+        keys={"cn-id": "cn-secret", "sg-id": "sg-secret"}, app_groups=3, instances_per_function=2
+    )
+    apps = sorted({t[0] for t in emu.targets()})
+    variables = {
+        "accounts": json.dumps(
+            {"prod_cn": {"targets": apps[:2]}, "prod_sg": {"targets": apps[2:], "conn_id": "sg_keys"}}
+        ),
+        "endpoint": emu.url,
+        "destination": "parquet",
+        "parquet_dir": "lake",
+        "pipelines_dir": "dlt",
+        "options": json.dumps({"processes": 0}),
+    }
+    settings = read_settings(variables.get, _connections)
+    planned = plan_loads(settings)["parallel"]
+    assert len(planned) == 3
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda group: load_group(settings, group), planned))
+    assert [r["pipeline_name"] for r in results] == [g["pipeline_name"] for g in planned]
+    assert_equals_truth(parquet_newest_rows(str(airflow_home / "lake")), emu)
+    signed = {(r.target[0], r.access_key_id) for r in emu.requests if r.target}
+    assert signed == {(apps[0], "cn-id"), (apps[1], "cn-id"), (apps[2], "sg-id")}
 
 
 def test_the_data_checks_pass_on_a_load_and_name_each_broken_thing(make_emulator, tmp_path: Path):

@@ -246,7 +246,8 @@ def make_pipeline(config: RunConfig) -> dlt.Pipeline:
 
 @contextlib.contextmanager
 def exclusive_lock(path: Path, what: str) -> Iterator[None]:
-    """One run at a time per destination: a second run refuses instead of corrupting state."""
+    """One run at a time per DuckDB file and per dlt pipeline: a second run refuses instead of
+    corrupting state."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as handle:
         try:
@@ -281,7 +282,8 @@ def _lock_path(config: RunConfig) -> Path:
     if config.is_remote:
         base = Path(config.pipelines_dir or get_dlt_pipelines_dir())
         return base / f"{config.pipeline_name}.run.lock"
-    return Path(str(config.parquet_dir)).resolve() / ".opensearch_tasks.run.lock"
+    # per pipeline: several pipelines (accounts, app groups) may append to one folder at once
+    return Path(str(config.parquet_dir)).resolve() / f".{config.pipeline_name}.run.lock"
 
 
 def _pipeline_lock_path(config: RunConfig) -> Path:

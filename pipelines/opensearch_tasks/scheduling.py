@@ -37,7 +37,7 @@ DEFAULT_FRESHNESS_HOURS = 24.0
 # Options that Variables of their own (or the DAG itself) own; the rest may come from ..._options.
 # full_refresh is not an option at all: on a schedule it would re-read everything every hour.
 OWN_VARIABLES = ("targets", "endpoint", "region", "destination", "duckdb_path", "parquet_dir")
-DAG_OWNED = ("pipeline_name", "pipelines_dir", *options.CREDENTIAL_OPTIONS)
+DAG_OWNED = ("account", "pipeline_name", "pipelines_dir", *options.CREDENTIAL_OPTIONS)
 EXTRA_OPTIONS = tuple(
     name for name in options.BY_NAME if name not in OWN_VARIABLES and name not in DAG_OWNED
 )
@@ -81,8 +81,8 @@ def airflow_variable(name: str) -> str | None:
     return None if value is None or str(value).strip() == "" else str(value).strip()
 
 
-def airflow_connection() -> Any | None:
-    """The Connection ``opensearch_tasks_default``, or None."""
+def airflow_connection(conn_id: str = CONN_ID) -> Any | None:
+    """The Connection ``conn_id``, or None."""
     try:
         from airflow.sdk import BaseHook
         from airflow.sdk.exceptions import AirflowNotFoundException
@@ -90,7 +90,7 @@ def airflow_connection() -> Any | None:
         from airflow.exceptions import AirflowNotFoundException
         from airflow.hooks.base import BaseHook
     try:
-        return BaseHook.get_connection(CONN_ID)
+        return BaseHook.get_connection(conn_id)
     except AirflowNotFoundException:
         return None
 
@@ -142,27 +142,141 @@ def parse_options_variable(text: str | None) -> dict[str, Any]:
     return given
 
 
+ACCOUNT_KEYS = ("targets", "conn_id", "region", "endpoint")
+
+
+@dataclass(frozen=True)
+class Account:
+    """Whose keys load which targets. ``name`` None: the default account (Variable
+    ``opensearch_tasks_targets``, Connection ``opensearch_tasks_default``)."""
+
+    name: str | None
+    targets: list[str]
+    conn_id: str = CONN_ID
+    region: str | None = None
+    endpoint: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name or "default"
+
+    @property
+    def where(self) -> str:
+        """Where its targets are set, for messages."""
+        if self.name is None:
+            return f"Variable {VARIABLE_PREFIX}targets"
+        return f"Variable {VARIABLE_PREFIX}accounts (account {self.name!r})"
+
+
+def parse_accounts_variable(text: str | None) -> list[Account]:
+    """``opensearch_tasks_accounts``: ``{"NAME": {"targets": [...], "conn_id": ..., "region": ...,
+    "endpoint": ...}}``; ``conn_id`` defaults to ``opensearch_tasks_NAME``."""
+    if not text:
+        return []
+    accounts = []
+    for name, entry in _json("accounts", text, dict).items():
+        where = f"Variable {VARIABLE_PREFIX}accounts"
+        try:
+            options.BY_NAME["account"].validate(name, f"{where}: account name {name!r}")
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: account {name!r} must be a JSON object with its targets")
+        unknown = sorted(set(entry) - set(ACCOUNT_KEYS))
+        if unknown:
+            raise ConfigError(
+                f"{where}: account {name!r} has unknown key(s) {', '.join(unknown)}; "
+                f"allowed: {', '.join(ACCOUNT_KEYS)}"
+            )
+        targets = entry.get("targets")
+        if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+            raise ConfigError(f'{where}: account {name!r} needs "targets", a non-empty list of strings')
+        texts = {key: entry.get(key) for key in ("conn_id", "region", "endpoint")}
+        for key, value in texts.items():
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ConfigError(f"{where}: account {name!r}: {key} must be a non-empty string")
+        accounts.append(
+            Account(
+                name,
+                list(targets),
+                conn_id=texts["conn_id"] or f"{VARIABLE_PREFIX}{name}",
+                region=texts["region"],
+                endpoint=texts["endpoint"],
+            )
+        )
+    return accounts
+
+
 @dataclass
 class Settings:
-    """Everything a task needs, read from Variables, the Connection and the environment."""
+    """Everything a task needs, read from Variables, the Connections and the environment."""
 
-    targets: list[str]
+    accounts: list[Account]
     given: dict[str, Any]  # Variables acting as flags; None: not set
+    destination: str
     models_path: str  # with Parquet: the DuckDB file holding the views
     freshness_hours: float
-    credentials: dict[str, str | None] = field(default_factory=dict, repr=False)
+    connection: Callable[[str], Any | None] = field(default=airflow_connection, repr=False)
 
-    def run_config(self, **run_only: Any) -> RunConfig:
-        """The runner's configuration, resolved like the command's (Variables first)."""
+    @property
+    def parallel(self) -> bool:
+        """Whether loads may run at once: into Parquet, each its own dlt pipeline appends its own
+        files; DuckDB takes one writing process."""
+        return self.destination == "parquet"
+
+    def account(self, name: str | None) -> Account:
+        for account in self.accounts:
+            if account.name == name:
+                return account
+        raise ConfigError(f"account {name!r} is no longer in Variable {VARIABLE_PREFIX}accounts")
+
+    def run_config(self, group: Mapping[str, Any] | None = None, **run_only: Any) -> RunConfig:
+        """The runner's configuration, resolved like the command's (Variables first); for a
+        planned ``group``, with its account's targets, keys and dlt pipeline."""
         from opensearch_tasks.errors import UsageError
         from opensearch_tasks.runner import RunConfig
 
+        given = dict(self.given)
+        credentials: dict[str, str | None] = {}
+        if group is not None:
+            account = self.account(group["account"])
+            given.update(targets=group["targets"], account=account.name)
+            found = self.connection(account.conn_id)
+            extra: Mapping[str, Any] = dict(found.extra_dejson or {}) if found else {}
+            if account.name is None:  # as before accounts: the shared Variables beat the extra
+                given["endpoint"] = given["endpoint"] or extra.get("endpoint")
+                given["region"] = given["region"] or extra.get("region")
+            else:
+                given["endpoint"] = account.endpoint or extra.get("endpoint") or given["endpoint"]
+                given["region"] = account.region or extra.get("region") or given["region"]
+            if found is not None and found.login:
+                credentials = {
+                    "access_key_id": found.login,
+                    "access_key_secret": found.password,
+                    "security_token": extra.get("security_token"),
+                }
+            logger.info(
+                "credentials: %s",
+                f"Connection {account.conn_id}"
+                if credentials
+                else "Alibaba Cloud default chain (no Connection login)"
+                if account.name is None
+                else f"[sources.opensearch_tasks.accounts.{account.name}] (no Connection {account.conn_id})",
+            )
         try:
-            config = RunConfig.from_settings({**self.given, "targets": self.targets}, **run_only)
+            config = RunConfig.from_settings(given, **run_only)
         except UsageError as error:
             raise ConfigError(str(error)) from None
-        if self.credentials:
-            config.credentials = dict(self.credentials)
+        if credentials:
+            config.credentials = dict(credentials)
+        if group is not None:
+            if group["account"] is not None and not config.credentials.get("access_key_id"):
+                account = self.account(group["account"])
+                raise ConfigError(
+                    f"account {account.name!r} has no keys: create the Connection {account.conn_id} "
+                    "(login = AccessKey id, password = AccessKey secret)"
+                )
+            config.pipeline_name = group["pipeline_name"]
         if config.destination == "parquet":
             config.models_path = self.models_path
         return config
@@ -170,23 +284,12 @@ class Settings:
 
 def read_settings(
     variable: Callable[[str], str | None] = airflow_variable,
-    connection: Callable[[], Any | None] = airflow_connection,
+    connection: Callable[[str], Any | None] = airflow_connection,
 ) -> Settings:
     """Settings from Airflow (or from the callables given, e.g. a dict's ``get`` in a test)."""
-    found = connection()
-    extra: Mapping[str, Any] = dict(found.extra_dejson or {}) if found else {}
-    credentials: dict[str, str | None] = {}
-    if found is not None and found.login:
-        credentials = {
-            "access_key_id": found.login,
-            "access_key_secret": found.password,
-            "security_token": extra.get("security_token"),
-        }
     given: dict[str, Any] = parse_options_variable(variable("options"))
     for name in OWN_VARIABLES[1:]:
         given[name] = variable(name)
-    given["endpoint"] = given["endpoint"] or extra.get("endpoint")
-    given["region"] = given["region"] or extra.get("region")
     given["duckdb_path"] = under_airflow_home(given["duckdb_path"], DEFAULT_DUCKDB_PATH)
     if given["parquet_dir"]:
         given["parquet_dir"] = under_airflow_home(given["parquet_dir"], "")
@@ -198,31 +301,93 @@ def read_settings(
     except ValueError:
         raise ConfigError(f"Variable {VARIABLE_PREFIX}freshness_hours must be a number") from None
     try:
-        options.resolve(given, [name for name in given if name in options.BY_NAME])
+        resolved = options.resolve(given, [name for name in given if name in options.BY_NAME])
     except ValueError as error:  # UsageError: name the Variable rather than a flag
         raise ConfigError(f"Variables {VARIABLE_PREFIX}*: {error}") from None
-    logger.info(
-        "credentials: %s",
-        f"Connection {CONN_ID}" if credentials else "Alibaba Cloud default chain (no Connection login)",
-    )
+    accounts = parse_accounts_variable(variable("accounts"))
+    targets_text = variable("targets")
+    if targets_text or not accounts:
+        accounts.insert(0, Account(None, parse_targets_variable(targets_text)))
     return Settings(
-        targets=parse_targets_variable(variable("targets")),
+        accounts=accounts,
         given=given,
+        destination=resolved["destination"],
         models_path=under_airflow_home(variable("models_path"), DEFAULT_PARQUET_MODELS_PATH),
         freshness_hours=freshness_hours,
-        credentials=credentials,
+        connection=connection,
     )
 
 
-def group_targets(targets: list[str]) -> list[dict[str, Any]]:
-    """One entry per app group, in first-seen order: the unit of mapping and of dlt state."""
+def group_targets(
+    targets: list[str], where: str = f"Variable {VARIABLE_PREFIX}targets"
+) -> list[dict[str, Any]]:
+    """One entry per app group, in first-seen order: the unit of mapping."""
     groups: dict[str, list[str]] = {}
     for text in targets:
         try:
             spec = parse_target(text)
         except TargetError as error:
-            raise ConfigError(f"Variable {VARIABLE_PREFIX}targets: {error}") from None
+            raise ConfigError(f"{where}: {error}") from None
         groups.setdefault(spec.app_group, []).append(text)
     if not groups:
-        raise ConfigError(f"Variable {VARIABLE_PREFIX}targets is an empty list")
+        raise ConfigError(f"{where} is an empty list")
     return [{"app_group": app, "targets": texts} for app, texts in groups.items()]
+
+
+def plan_loads(settings: Settings) -> dict[str, list[dict[str, Any]]]:
+    """The loads of one DAG run: one per account and app group, under ``"parallel"`` when the
+    destination takes several writers (Parquet), else under ``"serial"``.
+
+    Into Parquet each load has its own dlt pipeline (its own state, restored from the destination
+    by name), so loads share nothing but the folder they append to. Into DuckDB the loads of an
+    account share its pipeline (cursors are kept per instance, so a load moves only its own).
+    An app group belongs to one account: rows are keyed by app group, function, instance, run id."""
+    loads: list[dict[str, Any]] = []
+    owners: dict[str, Account] = {}
+    for account in settings.accounts:
+        for group in group_targets(account.targets, account.where):
+            app = group["app_group"]
+            if app in owners:
+                raise ConfigError(
+                    f"app group {app!r} is listed for account {owners[app].label!r} and account "
+                    f"{account.label!r}: tasks are keyed by app group, so each app group belongs to "
+                    "one account"
+                )
+            owners[app] = account
+            pipeline = options.pipeline_name_for(account.name, app if settings.parallel else None)
+            label = app if account.name is None else f"{account.name}/{app}"
+            loads.append({**group, "account": account.name, "pipeline_name": pipeline, "label": label})
+    return {"serial": [] if settings.parallel else loads, "parallel": loads if settings.parallel else []}
+
+
+def load_group(settings: Settings, group: Mapping[str, Any]) -> dict[str, Any]:
+    """Load one planned group; failed instances fail it (after the others' rows are stored)."""
+    from opensearch_tasks.errors import UsageError
+    from opensearch_tasks.report import format_summary
+    from opensearch_tasks.runner import run
+
+    config = settings.run_config(group, build_models=False)
+    try:
+        result = run(config)
+    except UsageError as error:
+        raise ConfigError(str(error)) from None
+    logger.info("%s (pipeline %s)\n%s", group["label"], config.pipeline_name, format_summary(result))
+    if not result.report.ok:
+        failures = result.report.failures
+        raise RuntimeError(
+            f"{len(failures)} instance(s) of {group['label']} failed (their cursors are unchanged; "
+            f"the other instances were stored): {'; '.join(failures)}"
+        )
+    instances = result.report.instances
+    return {
+        "account": group["account"],
+        "app_group": group["app_group"],
+        "pipeline_name": config.pipeline_name,
+        "targets": list(group["targets"]),
+        "instances": len(instances),
+        "new": sum(r.new for r in instances),
+        "updated": sum(r.updated for r in instances),
+        "requests": result.report.requests,
+        "load_ids": list(result.load_info.loads_ids) if result.load_info else [],
+        "seconds": round(result.seconds, 2),
+    }
