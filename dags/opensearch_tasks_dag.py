@@ -1,9 +1,10 @@
 """OpenSearch training-task history into DuckDB or Parquet, on a schedule, with data checks.
 
-``plan`` -> ``load_serial`` / ``load_parallel`` (one mapped task per account and app group)
--> ``build_models`` -> ``check_data`` -> ``alerts``
+``plan_serial`` -> ``load_serial`` and ``plan_parallel`` -> ``load_parallel`` (one mapped task per
+account and app group) -> ``build_models`` -> ``check_data`` -> ``alerts``
 
-* **plan** reads the accounts and their targets, and plans one load per account and app group.
+* **plan_serial** / **plan_parallel** read the accounts and their targets, and plan one load per
+  account and app group: all of them in the one that suits the destination, none in the other.
 * **load_parallel** (destination ``parquet``, a folder or object storage): the loads run at once, as
   many as Airflow's pools and parallelism allow. Each has its own dlt pipeline
   (``opensearch_tasks[__ACCOUNT]__APP_GROUP``), whose state (cursors) it restores from the
@@ -48,11 +49,13 @@ env ``OPENSEARCH_TASKS_SCHEDULE``       cron / preset read at parse time (defaul
                                         ``none``: manual runs only). Parse-time settings come from the
                                         environment because reading Variables while parsing costs a
                                         metadata-database call on every parse.
-env ``OPENSEARCH_TASKS_RETRIES``        retries per task (default 2; 5 then 10 minutes apart)
+env ``OPENSEARCH_TASKS_RETRIES``        retries per task (default 2)
+env ``OPENSEARCH_TASKS_RETRY_DELAY``    seconds before the first retry (default 300), doubled for the
+                                        next (at most 30 minutes)
 ======================================  ================================================================
 
 An app group belongs to one account (tasks are keyed by app group, function, instance and run id);
-``plan`` refuses a list that names one twice. A named account never falls back to the default
+the plan refuses a list that names one twice. A named account never falls back to the default
 account's keys.
 
 Why not dlt's ``PipelineTasksGroup``: it splits one source into tasks per *resource*, and this source has
@@ -89,6 +92,7 @@ from opensearch_tasks.scheduling import (
     plan_loads,
     read_settings,
     retries_from_environment,
+    retry_delay_from_environment,
     schedule_from_environment,
 )
 
@@ -123,26 +127,23 @@ def _settings() -> Settings:
     tags=["opensearch", "dlt", "duckdb"],
     default_args={
         "retries": retries_from_environment(),
-        "retry_delay": timedelta(minutes=5),
+        "retry_delay": timedelta(seconds=retry_delay_from_environment()),
         "retry_exponential_backoff": RETRY_BACKOFF,  # 5, then 10 minutes
         "max_retry_delay": timedelta(minutes=30),
     },
 )
 def opensearch_tasks() -> None:
-    @task(multiple_outputs=True)
-    def plan() -> dict[str, list[dict[str, Any]]]:
-        """The loads: one per account and app group; ``parallel`` into Parquet, else ``serial``."""
+    @task
+    def plan(kind: str) -> list[dict[str, Any]]:
+        """The loads of ``kind`` (``serial``: into DuckDB; ``parallel``: into Parquet): one per
+        account and app group, or none when the destination is the other kind's."""
         try:
-            loads = plan_loads(_settings())
+            loads = plan_loads(_settings())[kind]
         except ConfigError as error:
             raise fail_for_good(str(error)) from None
-        for kind, groups in loads.items():
-            if groups:
-                logger.info(
-                    "%d %s load(s): %s", len(groups), kind, ", ".join(g["label"] for g in groups)
-                )
-        if loads["serial"]:
-            logger.info("loads run one at a time: DuckDB takes one writing process")
+        logger.info("%d %s load(s): %s", len(loads), kind, ", ".join(g["label"] for g in loads))
+        if kind == "serial" and loads:
+            logger.info("one at a time: DuckDB takes one writing process")
         return loads
 
     def load(group: dict[str, Any]) -> dict[str, Any]:
@@ -224,10 +225,9 @@ def opensearch_tasks() -> None:
             raise fail_for_good(f"{len(fired)} training alert(s) fire: see the task log")
         return [alert.to_json() for alert in fired]
 
-    planned = plan()
     loads = [
-        load_serial.expand(group=planned["serial"]),
-        load_parallel.expand(group=planned["parallel"]),
+        load_serial.expand(group=plan.override(task_id="plan_serial")("serial")),
+        load_parallel.expand(group=plan.override(task_id="plan_parallel")("parallel")),
     ]
     loads >> build_models() >> check_data() >> alerts()
 

@@ -79,15 +79,17 @@ dag = bag.dags.get("opensearch_tasks")
 out = {"import_errors": {str(k): str(v) for k, v in bag.import_errors.items()}, "dag_ids": sorted(bag.dags),
        "seconds": seconds, "heavy_modules": heavy, "connect_attempts": attempts}
 if dag is not None:
-    load = dag.get_task("load")
+    serial, parallel = dag.get_task("load_serial"), dag.get_task("load_parallel")
     out.update(
         task_ids=sorted(dag.task_ids),
         schedule=str(dag.schedule),
         catchup=dag.catchup,
         max_active_runs=dag.max_active_runs,
-        load_max_active_tis_per_dag=load.max_active_tis_per_dag,
-        load_retries=load.retries,
-        load_retry_delay_seconds=load.retry_delay.total_seconds(),
+        serial_max_active_tis_per_dag=serial.max_active_tis_per_dag,
+        parallel_max_active_tis_per_dag=parallel.max_active_tis_per_dag,
+        load_retries=parallel.retries,
+        load_retry_delay_seconds=parallel.retry_delay.total_seconds(),
+        build_models_trigger_rule=str(dag.get_task("build_models").trigger_rule.value),
         check_retries=dag.get_task("check_data").retries,
         downstream={t: sorted(dag.get_task(t).downstream_task_ids) for t in dag.task_ids},
     )
@@ -253,10 +255,20 @@ def test_dag_file_imports_in_airflow_without_errors_or_side_effects(airflow: Air
     assert found["connect_attempts"] == [], "parsing the DAG file opened a network connection"
     assert found["heavy_modules"] == [], "parsing the DAG file imported dlt/duckdb/pyarrow/the SDK"
     assert found["seconds"] < 5, f"parsing took {found['seconds']:.1f}s"
-    assert found["task_ids"] == ["alerts", "build_models", "check_data", "load", "plan"]
+    assert found["task_ids"] == [
+        "alerts",
+        "build_models",
+        "check_data",
+        "load_parallel",
+        "load_serial",
+        "plan_parallel",
+        "plan_serial",
+    ]
     assert found["downstream"] == {
-        "plan": ["load"],
-        "load": ["build_models"],
+        "plan_serial": ["load_serial"],
+        "plan_parallel": ["load_parallel"],
+        "load_serial": ["build_models"],
+        "load_parallel": ["build_models"],
         "build_models": ["check_data"],
         "check_data": ["alerts"],
         "alerts": [],
@@ -264,7 +276,9 @@ def test_dag_file_imports_in_airflow_without_errors_or_side_effects(airflow: Air
     assert found["schedule"] == "@hourly"
     assert found["catchup"] is False
     assert found["max_active_runs"] == 1
-    assert found["load_max_active_tis_per_dag"] == 1  # one DuckDB writer at a time
+    assert found["serial_max_active_tis_per_dag"] == 1  # one DuckDB writer at a time
+    assert found["parallel_max_active_tis_per_dag"] is None  # Parquet: as many as Airflow runs
+    assert found["build_models_trigger_rule"] == "none_failed"  # one load kind is always skipped
     assert found["load_retries"] == 0  # OPENSEARCH_TASKS_RETRIES=0 here; the default is 2
     assert found["load_retry_delay_seconds"] == 300
     assert found["check_retries"] == 0

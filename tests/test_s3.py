@@ -11,36 +11,30 @@ import json
 import logging
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
-from botocore.config import Config
 from opensearch_tasks.cli import main
 from opensearch_tasks.models import connect_models
 from opensearch_tasks.runner import UsageError
 from opensearch_tasks.storage import filesystem_config, filesystem_for, filesystem_for_models
 
 from tests.pipeline_helpers import AK, KEY, SECRET, assert_equals_truth, config_for, run_ok
-
-S3_KEY_ID = "s3-test-key-id"
-S3_SECRET = "s3-test-secret-MUST-NOT-LEAK-91c2"
-REGION = "us-east-1"
-ENV_PREFIX = "DESTINATION__FILESYSTEM__CREDENTIALS__"
-DATASET = "opensearch_tasks"
-
-NEWEST_SQL = (
-    "select * from read_parquet(?, union_by_name=true) "
-    "qualify row_number() over (partition by app_group, function_name, instance_name, run_id "
-    "order by _dlt_load_id desc, fetched_at desc) = 1"
+from tests.s3_helpers import (
+    DATASET,
+    ENV_PREFIX,
+    S3_KEY_ID,
+    S3_SECRET,
+    moto_server,
+    s3_client,
+    s3_env,
+    s3_newest_rows,
 )
 
 
@@ -63,89 +57,28 @@ class Bucket:
         return f"s3://{self.name}/lake"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _s3_client(endpoint: str) -> Any:
-    return boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id=S3_KEY_ID,
-        aws_secret_access_key=S3_SECRET,
-        region_name=REGION,
-        config=Config(connect_timeout=1, read_timeout=5, retries={"max_attempts": 1}),
-    )
-
-
 @pytest.fixture(scope="module")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """moto's S3 server on 127.0.0.1, started from this virtualenv; stopped after the module."""
-    port = _free_port()
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                _s3_client(endpoint).list_buckets()
-                break
-            except Exception:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto server did not start: {log.read_text()[-2000:]}") from None
-                time.sleep(0.1)
+    with moto_server(tmp_path_factory.mktemp("moto") / "moto.log") as endpoint:
         yield endpoint
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @pytest.fixture
 def bucket(s3_server: str, monkeypatch: pytest.MonkeyPatch) -> Bucket:
     """A fresh bucket, and dlt configured (by environment) to reach it."""
     name = f"lake-{uuid.uuid4().hex[:12]}"
-    _s3_client(s3_server).create_bucket(Bucket=name)
+    s3_client(s3_server).create_bucket(Bucket=name)
     for key, value in s3_env(s3_server).items():
         monkeypatch.setenv(key, value)
     return Bucket(s3_server, name)
-
-
-def s3_env(endpoint: str) -> dict[str, str]:
-    return {
-        f"{ENV_PREFIX}AWS_ACCESS_KEY_ID": S3_KEY_ID,
-        f"{ENV_PREFIX}AWS_SECRET_ACCESS_KEY": S3_SECRET,
-        f"{ENV_PREFIX}ENDPOINT_URL": endpoint,
-        f"{ENV_PREFIX}REGION_NAME": REGION,
-        "AWS_EC2_METADATA_DISABLED": "true",  # never ask a metadata service for keys
-    }
-
-
-def s3_newest_rows(url: str) -> list[dict[str, Any]]:
-    """The newest version of each task in the bucket, read by DuckDB through s3fs (no httpfs)."""
-    con = connect_models(":memory:", read_only=False, filesystem=filesystem_for(url))
-    with con:
-        relation = con.sql(NEWEST_SQL, params=[f"{url}/{DATASET}/function_tasks/*.parquet"])
-        columns = relation.columns
-        return [dict(zip(columns, values, strict=True)) for values in relation.fetchall()]
 
 
 def bucket_keys(bucket: Bucket, folder: str) -> list[str]:
     """Object keys under ``lake/opensearch_tasks/<folder>/`` (listed with boto3, not our code)."""
     prefix = f"lake/{DATASET}/{folder}/"
     pages = (
-        _s3_client(bucket.endpoint)
+        s3_client(bucket.endpoint)
         .get_paginator("list_objects_v2")
         .paginate(Bucket=bucket.name, Prefix=prefix)
     )
@@ -359,7 +292,7 @@ def _newest_state(bucket: Bucket, pipeline_name: str) -> dict[str, Any]:
     ]
     assert keys, f"no state of {pipeline_name} in the bucket"
     newest = max(keys, key=lambda key: float(Path(key).name.rsplit("__", 2)[1]))
-    body = _s3_client(bucket.endpoint).get_object(Bucket=bucket.name, Key=newest)["Body"].read()
+    body = s3_client(bucket.endpoint).get_object(Bucket=bucket.name, Key=newest)["Body"].read()
     return decompress_state(json.loads(body)["state"])
 
 

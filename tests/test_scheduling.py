@@ -16,7 +16,14 @@ import duckdb
 import pytest
 from opensearch_tasks.checks import run_checks
 from opensearch_tasks.models import build_models_in_file, connect_models
-from opensearch_tasks.scheduling import ConfigError, group_targets, load_group, plan_loads, read_settings
+from opensearch_tasks.scheduling import (
+    ConfigError,
+    group_targets,
+    load_group,
+    plan_loads,
+    read_settings,
+    retry_delay_from_environment,
+)
 
 from tests.pipeline_helpers import AK, SECRET, config_for, run_ok
 
@@ -259,3 +266,21 @@ def test_the_data_checks_pass_on_a_load_and_name_each_broken_thing(make_emulator
     assert not any("analytics.stg_function_tasks" in f for f in failures), failures
     assert any('duplicate task keys in "opensearch_tasks"."function_tasks"' in f for f in failures)
     assert any("h old, more than the expected" in f for f in failures), failures
+
+
+@pytest.mark.parametrize(("text", "seconds"), [(None, 300.0), ("1", 1.0), (" 90 ", 90.0)])
+def test_the_retry_delay_comes_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, text: str | None, seconds: float
+):
+    if text is None:
+        monkeypatch.delenv("OPENSEARCH_TASKS_RETRY_DELAY", raising=False)
+    else:
+        monkeypatch.setenv("OPENSEARCH_TASKS_RETRY_DELAY", text)
+    assert retry_delay_from_environment() == seconds
+
+
+@pytest.mark.parametrize("text", ["soon", "-1", "1e9", "nan"])
+def test_a_bad_retry_delay_is_one_line_naming_the_variable(monkeypatch: pytest.MonkeyPatch, text: str):
+    monkeypatch.setenv("OPENSEARCH_TASKS_RETRY_DELAY", text)
+    with pytest.raises(ConfigError, match="OPENSEARCH_TASKS_RETRY_DELAY must be seconds"):
+        retry_delay_from_environment()

@@ -62,6 +62,20 @@ def retries_from_environment() -> int:
         raise ConfigError(f"OPENSEARCH_TASKS_RETRIES must be an integer, got {text!r}") from None
 
 
+def retry_delay_from_environment() -> float:
+    """``OPENSEARCH_TASKS_RETRY_DELAY`` in seconds (default 300; doubled on each retry, at most 30 min)."""
+    text = os.environ.get("OPENSEARCH_TASKS_RETRY_DELAY", "300").strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds <= 86_400:
+        raise ConfigError(
+            f"OPENSEARCH_TASKS_RETRY_DELAY must be seconds between 0 and 86400, got {text!r}"
+        )
+    return seconds
+
+
 def fail_for_good(message: str) -> Exception:
     """An exception that fails the Airflow task without retries."""
     try:
