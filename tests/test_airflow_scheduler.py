@@ -49,6 +49,12 @@ pytestmark = [
     ),
 ]
 
+if REQUIRED and not AIRFLOW.exists():
+    pytest.fail(
+        f"{AIRFLOW} is missing: `make test-airflow` must install Airflow before its tests",
+        pytrace=False,
+    )
+
 
 def _key_id(account: str) -> str:
     return f"Id-{account}"
