@@ -170,6 +170,11 @@ class ColumnKinds:
     """
 
     kinds: dict[str, str] = field(default_factory=dict)
+    # kind -> plain column -> the column its values of that kind go to (a route never changes once
+    # taken, so flattening looks it up instead of deciding again)
+    routes: dict[str, dict[str, str]] = field(
+        default_factory=lambda: {kind: {} for kind in _KIND_TYPES}, repr=False
+    )
 
     @classmethod
     def from_dlt_columns(cls, columns: Mapping[str, Mapping[str, Any]]) -> ColumnKinds:
@@ -236,15 +241,18 @@ class ColumnKinds:
 
     def place(self, column: str, kind: str) -> str:
         """The column for a value of ``kind`` under the plain name ``column``, registered when new."""
+        route = self.routes[kind].get(column)
+        if route is not None:
+            return route
         known = self.kinds.get(column)
-        if known == kind:
-            return column
-        if known is None and kind == PLAIN_KIND:
+        if known == kind or (known is None and kind == PLAIN_KIND):
             self.kinds[column] = kind
-            return column
-        variant = f"{column}__v_{kind}"
-        self.kinds.setdefault(variant, kind)
-        return variant
+            route = column
+        else:
+            route = f"{column}__v_{kind}"
+            self.kinds.setdefault(route, kind)
+        self.routes[kind][column] = route
+        return route
 
 
 @dataclass
@@ -435,7 +443,7 @@ class TaskBatch:
         names = _COLUMN_NAMES.get(prefix)
         if names is None:
             names = _COLUMN_NAMES[prefix] = {}
-        kinds, extra, kind_of = self.kinds.kinds, self.extra, _KIND_OF_TYPE.get
+        extra, kind_of, routes = self.extra, _KIND_OF_TYPE.get, self.kinds.routes
         for key, value in obj.items():
             column = names.get(key)
             if column is None:
@@ -451,8 +459,7 @@ class TaskBatch:
                 continue
             else:
                 kind = kind_of(value_type, "text")
-            if kinds.get(column) != kind:  # a new column, or a variant (see ColumnKinds)
-                column = self.kinds.place(column, kind)
+            column = routes[kind].get(column) or self.kinds.place(column, kind)  # see ColumnKinds
             values = extra.get(column)
             if values is None:
                 values = extra[column] = _new_values(kind, size)
