@@ -870,6 +870,7 @@ def test_an_account_without_targets_is_named(project: Path, capsys: pytest.Captu
     line = one_error_line(done)
     assert "account 'prod_xx' has no targets" in line, line
     assert "sources.opensearch_tasks.accounts.prod_xx.targets" in line, line
+    assert "accounts declared in the .dlt files: prod_cn, prod_sg" in line, line
 
 
 def test_two_accounts_load_with_their_own_keys_and_cursors(
