@@ -43,6 +43,27 @@ POSTGRES_VERSIONS = Path("/usr/lib/postgresql")
 # Host settings that must not leak into the cluster: it is configured by the environment built here.
 DROPPED_ENV_PREFIXES = ("AIRFLOW", "ALIBABA_CLOUD_", "OPENSEARCH_TASKS_", "DESTINATION__", "SOURCES__")
 FINISHED_RUN_STATES = ("success", "failed")
+# `make test` skips the Airflow tests without .airflow-venv; `make test-airflow` sets this, and then a
+# missing Airflow fails them instead.
+REQUIRED = os.environ.get("OPENSEARCH_TASKS_REQUIRE_AIRFLOW", "") == "1"
+
+
+def airflow_marks() -> list[pytest.MarkDecorator]:
+    """The ``pytestmark`` of a module that needs Airflow; fails its collection when Airflow is
+    required (``make test-airflow``) but missing."""
+    if REQUIRED and not AIRFLOW.exists():
+        pytest.fail(
+            f"{AIRFLOW} is missing: `make test-airflow` must install Airflow before its tests",
+            pytrace=False,
+        )
+    return [
+        pytest.mark.airflow,
+        pytest.mark.timeout(900),
+        pytest.mark.skipif(
+            not AIRFLOW.exists(),
+            reason=".airflow-venv is absent: `make test-airflow` creates it and runs these tests",
+        ),
+    ]
 
 
 def free_port() -> int:

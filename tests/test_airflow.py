@@ -22,6 +22,7 @@ import duckdb
 import pytest
 from opensearch_tasks.emulator import Emulator, WorldSpec
 
+from tests.airflow_cluster import AIRFLOW, airflow_marks
 from tests.pipeline_helpers import (
     AK,
     SECRET,
@@ -31,32 +32,15 @@ from tests.pipeline_helpers import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-AIRFLOW_VENV = ROOT / ".airflow-venv"
-AIRFLOW = AIRFLOW_VENV / "bin" / "airflow"
+AIRFLOW_VENV = AIRFLOW.parent.parent
 DAGS = ROOT / "dags"
 DAG_ID = "opensearch_tasks"
 APP_GROUPS = 3
 PAGE_SIZE = 25
 SUBPROCESS_TIMEOUT = 420
 
-# `make test` skips these without the Airflow virtualenv; `make test-airflow` sets
-# OPENSEARCH_TASKS_REQUIRE_AIRFLOW, and then a missing Airflow fails every test instead.
-REQUIRED = os.environ.get("OPENSEARCH_TASKS_REQUIRE_AIRFLOW", "") == "1"
 
-pytestmark = [
-    pytest.mark.airflow,
-    pytest.mark.timeout(900),
-    pytest.mark.skipif(
-        not AIRFLOW.exists() and not REQUIRED,
-        reason=".airflow-venv is absent: `make test-airflow` creates it and runs these tests",
-    ),
-]
-
-if REQUIRED and not AIRFLOW.exists():
-    pytest.fail(
-        f"{AIRFLOW} is missing: `make test-airflow` must install Airflow before its tests",
-        pytrace=False,
-    )
+pytestmark = airflow_marks()
 
 
 # Parses the dags folder as Airflow's own DagBag does, with sockets blocked, and reports as JSON.

@@ -30,7 +30,7 @@ from opensearch_tasks.emulator import Emulator, FaultPlan, WorldSpec
 from opensearch_tasks.runner import RunConfig, run
 from opensearch_tasks.storage import filesystem_for
 
-from tests.airflow_cluster import AIRFLOW, AirflowCluster, PostgresServer
+from tests.airflow_cluster import AirflowCluster, PostgresServer, airflow_marks
 from tests.pipeline_helpers import assert_equals_truth
 from tests.s3_helpers import DATASET, moto_server, s3_client, s3_env, s3_newest_rows
 
@@ -38,22 +38,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DAG_ID = "opensearch_tasks"
 ACCOUNTS = {"acct_a": "Secret-A-3f9c", "acct_b": "Secret-B-77d1", "acct_c": "Secret-C-e02a"}
 KILLED = 3  # the map index of the load killed mid-run (acct_b's second app group)
-REQUIRED = os.environ.get("OPENSEARCH_TASKS_REQUIRE_AIRFLOW", "") == "1"
 
-pytestmark = [
-    pytest.mark.airflow,
-    pytest.mark.timeout(900),
-    pytest.mark.skipif(
-        not AIRFLOW.exists() and not REQUIRED,
-        reason=".airflow-venv is absent: `make test-airflow` creates it and runs these tests",
-    ),
-]
-
-if REQUIRED and not AIRFLOW.exists():
-    pytest.fail(
-        f"{AIRFLOW} is missing: `make test-airflow` must install Airflow before its tests",
-        pytrace=False,
-    )
+pytestmark = airflow_marks()
 
 
 def _key_id(account: str) -> str:

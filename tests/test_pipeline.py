@@ -325,16 +325,17 @@ def test_a_table_typed_by_the_older_rule_keeps_loading_and_a_full_refresh_upgrad
     loading (that column keeps its type, numbers go to ``__v_double``); into DuckDB,
     ``--full-refresh`` reloads it under the value-typed rule."""
     emu = make_emulator(keys={AK: SECRET}, app_groups=1, functions_per_group=1, instances_per_function=1)
-    app, fn, inst = emu.targets()[0]
-    emu.add_task(
-        app,
-        fn,
-        inst,
-        start_ms=emu.now_ms - 60_000,
-        end_ms=emu.now_ms - 1_000,
-        extend_info='{"recall": "91%"}',
-        run_id="text-recall",
-    )
+
+    def add_finished_task(run_id: str, extend_info: str) -> None:
+        emu.add_task(
+            *emu.targets()[0],
+            start_ms=emu.now_ms - 60_000,
+            end_ms=emu.now_ms - 1_000,
+            extend_info=extend_info,
+            run_id=run_id,
+        )
+
+    add_finished_task("text-recall", '{"recall": "91%"}')
     lake = str(tmp_path / "lake") if destination == "parquet" else None
     config = config_for(emu, tmp_path, destination=destination, parquet_dir=lake)
 
@@ -345,15 +346,7 @@ def test_a_table_typed_by_the_older_rule_keeps_loading_and_a_full_refresh_upgrad
         patch.setattr(ColumnKinds, "place", _first_type_wins)
         run_ok(config)
     emu.advance(hours=1)
-    emu.add_task(
-        app,
-        fn,
-        inst,
-        start_ms=emu.now_ms - 60_000,
-        end_ms=emu.now_ms - 1_000,
-        extend_info='{"recall": 0.93}',
-        run_id="numeric-recall",
-    )
+    add_finished_task("numeric-recall", '{"recall": 0.93}')
     run_ok(config)
     rows = newest_rows()
     assert_equals_truth(rows, emu)
