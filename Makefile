@@ -27,7 +27,7 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-test: lint browser
+test: lint browser postgres
 	$(BIN)/pytest
 
 # Headless Chromium for tests/test_html_report.py: Debian's package, installed once (as root, or
