@@ -84,6 +84,7 @@ import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from opensearch_tasks import scheduling
 from opensearch_tasks.scheduling import (
     ConfigError,
     Settings,
@@ -180,50 +181,21 @@ def opensearch_tasks() -> None:
     @task(retries=0)
     def check_data() -> dict[str, Any]:
         """Fails loudly (no retry: the data would not change) and names every failed check."""
-        from opensearch_tasks.checks import run_checks
-        from opensearch_tasks.models import connect_models
-        from opensearch_tasks.storage import filesystem_for_models
-
-        settings = _settings()
-        config = settings.run_config()
-        database = config.models_db()
-        # Parquet on s3:// is read through the same fsspec filesystem as the loader (no extension).
-        filesystem = filesystem_for_models(database) if config.destination == "parquet" else None
-        with connect_models(database, read_only=True, filesystem=filesystem) as con:
-            failures, facts = run_checks(con, config.destination, settings.freshness_hours)
-        logger.info("data checks: %s", facts)
-        if failures:
-            raise fail_for_good(f"{len(failures)} data check(s) failed: " + " | ".join(failures))
-        return facts
+        try:
+            return scheduling.check_data(_settings())
+        except scheduling.FinalFailure as error:
+            raise fail_for_good(str(error)) from None
 
     # After the checks, not beside them: a DuckDB file takes one writer (the notification state)
     # or readers, not both; and alerts are worth seeing even when a check failed.
     @task(retries=1, trigger_rule="all_done")
     def alerts() -> list[dict[str, Any]]:
-        """The training alerts firing now, in the task log; with the Variable
-        ``opensearch_tasks_alerts_fail`` set to true, any alert fails the run."""
-        from opensearch_tasks.alerts import read_alerts
-        from opensearch_tasks.models import connect_models
-        from opensearch_tasks.notify import deliver, load_targets
-        from opensearch_tasks.report import format_alerts
-        from opensearch_tasks.scheduling import airflow_variable
-        from opensearch_tasks.storage import filesystem_for_models
-
-        config = _settings().run_config()
-        targets = load_targets()
-        database = config.models_db()
-        filesystem = filesystem_for_models(database) if config.destination == "parquet" else None
-        with connect_models(database, read_only=not targets, filesystem=filesystem) as con:
-            fired = read_alerts(con)
-            delivered = deliver(con, fired, targets) if targets else None
-        logger.info("%s", format_alerts(fired))
-        if delivered is not None:
-            logger.info("notifications: %s", delivered.summary())
-            if not delivered.ok:  # retried by Airflow; what was sent is not sent again
-                raise RuntimeError(f"alert delivery failed for {', '.join(delivered.failed)}")
-        if fired and (airflow_variable("alerts_fail") or "").lower() in ("1", "true", "yes"):
-            raise fail_for_good(f"{len(fired)} training alert(s) fire: see the task log")
-        return [alert.to_json() for alert in fired]
+        """The training alerts firing now, in the task log and to the notification targets; with
+        the Variable ``opensearch_tasks_alerts_fail`` set to true, any alert fails the run."""
+        try:
+            return scheduling.report_alerts(_settings())
+        except scheduling.FinalFailure as error:
+            raise fail_for_good(str(error)) from None
 
     loads = [
         load_serial.expand(group=plan.override(task_id="plan_serial")("serial")),

@@ -18,10 +18,13 @@ from opensearch_tasks.checks import run_checks
 from opensearch_tasks.models import build_models_in_file, connect_models
 from opensearch_tasks.scheduling import (
     ConfigError,
+    FinalFailure,
+    check_data,
     group_targets,
     load_group,
     plan_loads,
     read_settings,
+    report_alerts,
     retry_delay_from_environment,
 )
 
@@ -284,3 +287,33 @@ def test_a_bad_retry_delay_is_one_line_naming_the_variable(monkeypatch: pytest.M
     monkeypatch.setenv("OPENSEARCH_TASKS_RETRY_DELAY", text)
     with pytest.raises(ConfigError, match="OPENSEARCH_TASKS_RETRY_DELAY must be seconds"):
         retry_delay_from_environment()
+
+
+def test_the_dags_check_and_alert_tasks_over_a_loaded_file(make_emulator, airflow_home: Path):
+    """``check_data`` and ``report_alerts`` as the DAG's tasks call them, over a real DuckDB file:
+    the checks pass, then name a duplicated row; alerts are returned, and fail the run only when
+    the Variable ``opensearch_tasks_alerts_fail`` says so."""
+    emu = make_emulator(keys={AK: SECRET})
+    database = airflow_home / "data" / "tasks.duckdb"
+    config = config_for(emu, airflow_home, duckdb_path=str(database))
+    run_ok(config)
+    build_models_in_file(str(database))
+    variables = {"targets": "x", "duckdb_path": str(database)}
+    settings = read_settings(variables.get, lambda conn_id: None)
+    assert check_data(settings)["tasks"] == len(emu.truth())
+    with connect_models(str(database), read_only=True) as con:
+        firing = con.execute("select count(*) from analytics.training_alerts").fetchone()[0]
+    assert firing > 0, "the emulator's default world should fire some alert"
+    assert len(report_alerts(settings)) == firing
+    failing = read_settings({**variables, "alerts_fail": "true"}.get, lambda conn_id: None)
+    with pytest.raises(FinalFailure, match=f"{firing} training alert\\(s\\) fire"):
+        report_alerts(failing)
+
+    with duckdb.connect(str(database)) as con:
+        con.execute(
+            "insert into opensearch_tasks.function_tasks "
+            "select * from opensearch_tasks.function_tasks limit 1"
+        )
+    with pytest.raises(FinalFailure, match=r"2 data check\(s\) failed: duplicate task keys") as failed:
+        check_data(settings)
+    assert 'duplicate task keys in "opensearch_tasks"."function_tasks"' in str(failed.value)

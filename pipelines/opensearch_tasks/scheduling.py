@@ -47,6 +47,11 @@ class ConfigError(ValueError):
     """Configuration that no retry can fix: the task fails at once with this one line."""
 
 
+class FinalFailure(RuntimeError):
+    """A failure a retry would only repeat (the data checks, alerts asked to fail the run): the
+    task fails at once with this one line."""
+
+
 def schedule_from_environment() -> str | None:
     """``OPENSEARCH_TASKS_SCHEDULE`` (default ``@hourly``; ``none``: manual runs only)."""
     value = os.environ.get("OPENSEARCH_TASKS_SCHEDULE", "@hourly").strip()
@@ -230,6 +235,7 @@ class Settings:
     destination: str
     models_path: str  # with Parquet: the DuckDB file holding the views
     freshness_hours: float
+    alerts_fail: bool = False  # any firing alert fails the run
     connection: Callable[[str], Any | None] = field(default=airflow_connection, repr=False)
 
     @property
@@ -328,6 +334,7 @@ def read_settings(
         destination=resolved["destination"],
         models_path=under_airflow_home(variable("models_path"), DEFAULT_PARQUET_MODELS_PATH),
         freshness_hours=freshness_hours,
+        alerts_fail=(variable("alerts_fail") or "").lower() in ("1", "true", "yes"),
         connection=connection,
     )
 
@@ -405,3 +412,49 @@ def load_group(settings: Settings, group: Mapping[str, Any]) -> dict[str, Any]:
         "load_ids": list(result.load_info.loads_ids) if result.load_info else [],
         "seconds": round(result.seconds, 2),
     }
+
+
+def _models_connection(settings: Settings, read_only: bool) -> Any:
+    """The models' DuckDB file; Parquet on s3:// is read through the loader's fsspec filesystem."""
+    from opensearch_tasks.models import connect_models
+    from opensearch_tasks.storage import filesystem_for_models
+
+    config = settings.run_config()
+    database = config.models_db()
+    filesystem = filesystem_for_models(database) if config.destination == "parquet" else None
+    return connect_models(database, read_only=read_only, filesystem=filesystem)
+
+
+def check_data(settings: Settings) -> dict[str, Any]:
+    """The data checks over the loaded table and the models; ``FinalFailure`` names every failed one."""
+    from opensearch_tasks.checks import run_checks
+
+    with _models_connection(settings, read_only=True) as con:
+        failures, facts = run_checks(con, settings.destination, settings.freshness_hours)
+    logger.info("data checks: %s", facts)
+    if failures:
+        raise FinalFailure(f"{len(failures)} data check(s) failed: " + " | ".join(failures))
+    return facts
+
+
+def report_alerts(settings: Settings) -> list[dict[str, Any]]:
+    """The training alerts firing now, logged and sent to the configured notification targets.
+
+    A failed delivery raises ``RuntimeError`` (a retry sends what was not sent, never twice); with
+    ``alerts_fail``, any firing alert raises ``FinalFailure``."""
+    from opensearch_tasks.alerts import read_alerts
+    from opensearch_tasks.notify import deliver, load_targets
+    from opensearch_tasks.report import format_alerts
+
+    targets = load_targets()
+    with _models_connection(settings, read_only=not targets) as con:  # a writer only to notify
+        fired = read_alerts(con)
+        delivered = deliver(con, fired, targets) if targets else None
+    logger.info("%s", format_alerts(fired))
+    if delivered is not None:
+        logger.info("notifications: %s", delivered.summary())
+        if not delivered.ok:
+            raise RuntimeError(f"alert delivery failed for {', '.join(delivered.failed)}")
+    if fired and settings.alerts_fail:
+        raise FinalFailure(f"{len(fired)} training alert(s) fire: see the task log")
+    return [alert.to_json() for alert in fired]
