@@ -864,6 +864,16 @@ def test_a_bad_account_name_is_one_clear_line(
     assert ("lower-case name" if name else "non-empty") in line, line
 
 
+def test_no_targets_with_accounts_declared_points_at_them(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (project / ".dlt" / "config.toml").write_text(
+        '[sources.opensearch_tasks.accounts.prod_cn]\ntargets = ["a"]\n'
+    )
+    line = one_error_line(run_cli(["run"], capsys))
+    assert line.startswith("error: no targets") and "--account prod_cn" in line, line
+
+
 def test_an_account_without_targets_is_named(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _write_accounts(project)
     done = run_cli(["run", "--account", "prod_xx"], capsys)

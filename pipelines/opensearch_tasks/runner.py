@@ -145,10 +145,12 @@ class RunConfig:
                 "an account never falls back to the shared keys or the default credential chain"
             )
         if not self.targets:
+            declared = options.accounts_in_files()
             raise UsageError(
                 "no targets: pass --target APP_GROUP[/FUNCTION[/INSTANCE]], or set "
                 "sources.opensearch_tasks.targets in .dlt/config.toml "
                 "(or SOURCES__OPENSEARCH_TASKS__TARGETS)"
+                + (f"; or load an account: --account {' | '.join(declared)}" if declared else "")
             )
         parse_targets(self.targets)
         try:
