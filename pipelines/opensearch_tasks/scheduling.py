@@ -1,12 +1,13 @@
-"""What the Airflow DAG needs besides its wiring: its settings, its plan, and failing a task for good.
+"""What the Airflow DAG does besides wiring tasks: its settings, its plan (one load per account and
+app group, parallel or serial by destination), each load, the data checks and the alerts.
 
 The DAG file (``dags/opensearch_tasks_dag.py``) only declares tasks; everything it decides lives here,
 inside the package, so that an Airflow image gets it with ``pip install`` and ``make test`` covers it
 without Airflow. Airflow itself is imported inside the functions that read from it: parsing the DAG
 file must stay cheap (no dlt, DuckDB or network).
 
-Settings come from Airflow Variables named ``opensearch_tasks_<name>`` and the Connection
-``opensearch_tasks_default``; a Variable acts like a command-line flag, so anything not set there still
+Settings come from Airflow Variables named ``opensearch_tasks_<name>`` and the Connections
+(``opensearch_tasks_default``, and one per named account); a Variable acts like a command-line flag, so anything not set there still
 resolves as the command resolves it (``SOURCES__OPENSEARCH_TASKS__*`` variables, the worker's
 ``.dlt/config.toml``, the declared defaults in ``options.py``).
 """
