@@ -354,10 +354,15 @@ def test_data_checks_fail_loudly_and_name_every_problem(
             "select * from opensearch_tasks.function_tasks limit 1"
         )
         con.execute("create view analytics.bogus_success_rates as select 1.5 as success_rate")
+        # every load two hours old, whatever the machine's speed
+        con.execute("update opensearch_tasks._dlt_loads set inserted_at = inserted_at - interval 2 hour")
+        con.execute(
+            "update opensearch_tasks.function_tasks set fetched_at = fetched_at - interval 2 hour"
+        )
     variables = {
         **first_run.variables,
         "AIRFLOW_VAR_OPENSEARCH_TASKS_DUCKDB_PATH": str(broken),
-        "AIRFLOW_VAR_OPENSEARCH_TASKS_FRESHNESS_HOURS": "0.0001",
+        "AIRFLOW_VAR_OPENSEARCH_TASKS_FRESHNESS_HOURS": "1",
     }
     result = airflow.run("tasks", "test", DAG_ID, "check_data", "2026-11-03", extra_env=variables)
     output = result.stdout + result.stderr
@@ -369,7 +374,7 @@ def test_data_checks_fail_loudly_and_name_every_problem(
     assert 'duplicate task keys in "opensearch_tasks"."function_tasks"' in output
     assert "duplicate task keys in analytics.stg_function_tasks" in output
     assert "analytics.bogus_success_rates.success_rate: 1 value(s) outside [0, 1]" in output
-    assert "more than the expected 0.0001 h" in output
+    assert "more than the expected 1 h" in output
 
 
 def test_alerts_are_logged_and_fail_the_run_only_when_asked(

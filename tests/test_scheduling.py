@@ -262,9 +262,14 @@ def test_the_data_checks_pass_on_a_load_and_name_each_broken_thing(make_emulator
             "insert into opensearch_tasks.function_tasks "
             "select * from opensearch_tasks.function_tasks limit 1"
         )
+        # and every load two hours old (not "a fraction of a second": a fast machine beats that)
+        con.execute("update opensearch_tasks._dlt_loads set inserted_at = inserted_at - interval 2 hour")
+        con.execute(
+            "update opensearch_tasks.function_tasks set fetched_at = fetched_at - interval 2 hour"
+        )
     build_models_in_file(config.duckdb_path)
     with connect_models(config.duckdb_path) as con:
-        failures, _ = run_checks(con, "duckdb", freshness_hours=0.0001)
+        failures, _ = run_checks(con, "duckdb", freshness_hours=1)
     # staging then ranks versions and still shows one row per task; the table itself is named
     assert not any("analytics.stg_function_tasks" in f for f in failures), failures
     assert any('duplicate task keys in "opensearch_tasks"."function_tasks"' in f for f in failures)
