@@ -125,11 +125,11 @@ def _settings() -> Settings:
     catchup=False,
     max_active_runs=1,
     doc_md=__doc__,
-    tags=["opensearch", "dlt", "duckdb"],
+    tags=["opensearch", "dlt", "duckdb", "parquet"],
     default_args={
         "retries": retries_from_environment(),
         "retry_delay": timedelta(seconds=retry_delay_from_environment()),
-        "retry_exponential_backoff": RETRY_BACKOFF,  # 5, then 10 minutes
+        "retry_exponential_backoff": RETRY_BACKOFF,  # the delay doubles on each retry
         "max_retry_delay": timedelta(minutes=30),
     },
 )
