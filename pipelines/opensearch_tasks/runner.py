@@ -131,11 +131,10 @@ class RunConfig:
         if self.since_ms is not None and self.until_ms is not None and self.since_ms >= self.until_ms:
             raise UsageError("--since must be before --until")
         if self.account and not self.targets:
-            declared = ", ".join(options.accounts_in_files()) or "none"
             raise UsageError(
                 f"account {self.account!r} has no targets: set {options.account_key(self.account, 'targets')} "
                 f"in .dlt/config.toml (or {options.account_env_var(self.account, 'targets')}); "
-                f"accounts declared in the .dlt files: {declared}"
+                f"accounts declared in the .dlt files: {', '.join(options.accounts_in_files()) or 'none'}"
             )
         if self.account and not self.credentials.get("access_key_id"):
             raise UsageError(
