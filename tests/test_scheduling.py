@@ -247,6 +247,54 @@ def test_parallel_loads_of_two_accounts_into_one_lake_equal_the_truth(make_emula
     assert signed == {(apps[0], "cn-id"), (apps[1], "cn-id"), (apps[2], "sg-id")}
 
 
+def test_a_failing_load_fails_alone(make_emulator, airflow_home: Path):
+    """One account's key is refused: its load raises (Airflow fails and retries that task only),
+    the other account's loads store their rows."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.pipeline_helpers import KEY, parquet_newest_rows
+
+    emu = make_emulator(keys={"cn-id": "cn-secret", "sg-id": "sg-secret"}, app_groups=3)
+    apps = sorted({t[0] for t in emu.targets()})
+    variables = {
+        "accounts": json.dumps(
+            {"prod_cn": {"targets": apps[:2]}, "prod_sg": {"targets": apps[2:], "conn_id": "sg_keys"}}
+        ),
+        "endpoint": emu.url,
+        "destination": "parquet",
+        "parquet_dir": "lake",
+        "pipelines_dir": "dlt",
+        "options": json.dumps({"processes": 0}),
+    }
+
+    def wrong_sg_secret(conn_id: str) -> Any:
+        found = _connections(conn_id)
+        return (
+            SimpleNamespace(login="sg-id", password="not-it", extra_dejson={})
+            if conn_id == "sg_keys"
+            else found
+        )
+
+    settings = read_settings(variables.get, wrong_sg_secret)
+    planned = plan_loads(settings)["parallel"]
+
+    def attempt(group: dict[str, Any]) -> str:
+        try:
+            load_group(settings, group)
+        except Exception as error:
+            assert "not-it" not in str(error)
+            return f"failed: {type(error).__name__}"
+        return "ok"
+
+    with ThreadPoolExecutor(3) as pool:
+        outcomes = dict(zip([g["label"] for g in planned], pool.map(attempt, planned), strict=True))
+    assert outcomes[f"prod_sg/{apps[2]}"].startswith("failed")
+    assert [outcomes[f"prod_cn/{app}"] for app in apps[:2]] == ["ok", "ok"]
+    stored = {tuple(row[k] for k in KEY) for row in parquet_newest_rows(str(airflow_home / "lake"))}
+    expected = {tuple(row[k] for k in KEY) for row in emu.truth() if row["app_group"] in apps[:2]}
+    assert stored == expected
+
+
 def test_the_data_checks_pass_on_a_load_and_name_each_broken_thing(make_emulator, tmp_path: Path):
     emu = make_emulator(keys={AK: SECRET})
     config = config_for(emu, tmp_path)
