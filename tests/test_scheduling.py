@@ -215,6 +215,20 @@ def test_an_account_without_a_connection_fails_for_good_naming_it(airflow_home: 
         settings.run_config(group)
 
 
+def _two_accounts_into_a_lake(emu: Any, apps: list[str]) -> dict[str, str]:
+    """Variables: prod_cn loads the first two app groups, prod_sg the rest, into Parquet."""
+    return {
+        "accounts": json.dumps(
+            {"prod_cn": {"targets": apps[:2]}, "prod_sg": {"targets": apps[2:], "conn_id": "sg_keys"}}
+        ),
+        "endpoint": emu.url,
+        "destination": "parquet",
+        "parquet_dir": "lake",
+        "pipelines_dir": "dlt",
+        "options": json.dumps({"processes": 0}),
+    }
+
+
 def test_parallel_loads_of_two_accounts_into_one_lake_equal_the_truth(make_emulator, airflow_home: Path):
     """load_group, as the DAG's load_parallel calls it: two accounts' app groups into one Parquet
     folder, each under its own dlt pipeline and keys, concurrently (threads standing in for workers)."""
@@ -226,17 +240,7 @@ def test_parallel_loads_of_two_accounts_into_one_lake_equal_the_truth(make_emula
         keys={"cn-id": "cn-secret", "sg-id": "sg-secret"}, app_groups=3, instances_per_function=2
     )
     apps = sorted({t[0] for t in emu.targets()})
-    variables = {
-        "accounts": json.dumps(
-            {"prod_cn": {"targets": apps[:2]}, "prod_sg": {"targets": apps[2:], "conn_id": "sg_keys"}}
-        ),
-        "endpoint": emu.url,
-        "destination": "parquet",
-        "parquet_dir": "lake",
-        "pipelines_dir": "dlt",
-        "options": json.dumps({"processes": 0}),
-    }
-    settings = read_settings(variables.get, _connections)
+    settings = read_settings(_two_accounts_into_a_lake(emu, apps).get, _connections)
     planned = plan_loads(settings)["parallel"]
     assert len(planned) == 3
     with ThreadPoolExecutor(3) as pool:
@@ -256,16 +260,7 @@ def test_a_failing_load_fails_alone(make_emulator, airflow_home: Path):
 
     emu = make_emulator(keys={"cn-id": "cn-secret", "sg-id": "sg-secret"}, app_groups=3)
     apps = sorted({t[0] for t in emu.targets()})
-    variables = {
-        "accounts": json.dumps(
-            {"prod_cn": {"targets": apps[:2]}, "prod_sg": {"targets": apps[2:], "conn_id": "sg_keys"}}
-        ),
-        "endpoint": emu.url,
-        "destination": "parquet",
-        "parquet_dir": "lake",
-        "pipelines_dir": "dlt",
-        "options": json.dumps({"processes": 0}),
-    }
+    variables = _two_accounts_into_a_lake(emu, apps)
 
     def wrong_sg_secret(conn_id: str) -> Any:
         found = _connections(conn_id)

@@ -481,7 +481,7 @@ class _Lookup:
         if self.environ.get(option.env_var, "") != "":
             origin = f"environment variable {option.env_var}"
             return option.validate(self.environ[option.env_var], origin), origin
-        found = self._in_files(option, [(path, section) for path, section in self.files], option.key)
+        found = self._in_files(option, self.files, option.key)
         return found or (option.default, "default")
 
     def in_account(self, option: Option, account: str) -> tuple[Any, str] | None:

@@ -236,14 +236,12 @@ class ColumnKinds:
         if len(tables) == 1:
             return self.widen(tables[0], load_id)
         # "default" promotion only fills absent columns with nulls: one name with two types still
-        # fails here, as a bug should (kinds are first-wins, and ``reconcile`` renamed the odd ones)
+        # fails here, as a bug should (a column's kind never changes, and ``reconcile`` renamed the odd ones)
         return self.widen(pa.concat_tables(tables, promote_options="default"), load_id)
 
     def place(self, column: str, kind: str) -> str:
-        """The column for a value of ``kind`` under the plain name ``column``, registered when new."""
-        route = self.routes[kind].get(column)
-        if route is not None:
-            return route
+        """The column for a value of ``kind`` under the plain name ``column``, the first time one
+        comes (flattening looks in ``routes`` first): decided, registered and remembered."""
         known = self.kinds.get(column)
         if known == kind or (known is None and kind == PLAIN_KIND):
             self.kinds[column] = kind

@@ -7,9 +7,9 @@ without Airflow. Airflow itself is imported inside the functions that read from 
 file must stay cheap (no dlt, DuckDB or network).
 
 Settings come from Airflow Variables named ``opensearch_tasks_<name>`` and the Connections
-(``opensearch_tasks_default``, and one per named account); a Variable acts like a command-line flag, so anything not set there still
-resolves as the command resolves it (``SOURCES__OPENSEARCH_TASKS__*`` variables, the worker's
-``.dlt/config.toml``, the declared defaults in ``options.py``).
+(``opensearch_tasks_default``, and one per named account); a Variable acts like a command-line flag,
+so anything not set there still resolves as the command resolves it (``SOURCES__OPENSEARCH_TASKS__*``
+variables, the worker's ``.dlt/config.toml``, the declared defaults in ``options.py``).
 """
 
 from __future__ import annotations
@@ -276,14 +276,13 @@ class Settings:
                     "access_key_secret": found.password,
                     "security_token": extra.get("security_token"),
                 }
-            logger.info(
-                "credentials: %s",
-                f"Connection {account.conn_id}"
-                if credentials
-                else "Alibaba Cloud default chain (no Connection login)"
-                if account.name is None
-                else f"[sources.opensearch_tasks.accounts.{account.name}] (no Connection {account.conn_id})",
-            )
+            if credentials:
+                source = f"Connection {account.conn_id}"
+            elif account.name is None:
+                source = "Alibaba Cloud default chain (no Connection login)"
+            else:
+                source = f"{options.account_key(account.name, '*')} (no Connection {account.conn_id})"
+            logger.info("credentials: %s", source)
         try:
             config = RunConfig.from_settings(given, **run_only)
         except UsageError as error:
