@@ -803,7 +803,13 @@ def same(actual: Any, expected: Any, column: str) -> bool:
     if isinstance(expected, float) and column in APPROX:
         return math.isclose(actual, expected, rel_tol=REL_TOL, abs_tol=1e-9)
     if isinstance(expected, datetime):  # aware datetimes: the same instant in any time zone
-        return isinstance(actual, datetime) and actual.tzinfo is not None and actual == expected
+        # Compared in UTC: Python's ``==`` across zones is False for a wall time the zone's DST
+        # change makes ambiguous (PEP 495), e.g. 01:09 New York on the night clocks go back.
+        return (
+            isinstance(actual, datetime)
+            and actual.tzinfo is not None
+            and actual.astimezone(UTC) == expected.astimezone(UTC)
+        )
     if isinstance(expected, date):
         return type(actual) is date and actual == expected
     return type(actual) is type(expected) and actual == expected
