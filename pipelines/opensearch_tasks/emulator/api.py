@@ -98,6 +98,7 @@ class Service:
         # A quirk some servers have: a larger pageSize is silently capped (None: no cap).
         self.max_page_size: int | None = None
         self.plan_page_size_cap: int | None = None  # the fault plan's (FaultPlan.page_size_cap)
+        self.max_instances_page_size: int | None = None  # the same quirk, on ListFunctionInstances
 
     def instance_style(self, route: Route) -> bool:
         """Whether errors/bodies of this route are PascalCase."""
@@ -146,6 +147,8 @@ class Service:
         if not self.world.known_function(app, fn):
             raise ServiceError(404, "Instance.NotExist", f"Function not found: {fn}")
         number, size = self._page(query, 10)
+        if self.max_instances_page_size is not None:
+            size = min(size, self.max_instances_page_size)
         items = [inst.metadata() for inst in self.world.iter_instances(app, fn)]
         for name in ("functionType", "modelType"):
             wanted = query.get(name)

@@ -200,6 +200,10 @@ class Emulator:
         """Silently cap ``pageSize`` of ListFunctionTasks at ``size`` (None: no cap), like some servers."""
         self.app.service.max_page_size = size
 
+    def cap_instances_page_size(self, size: int | None) -> None:
+        """Silently cap ``pageSize`` of ListFunctionInstances at ``size`` (None: no cap)."""
+        self.app.service.max_instances_page_size = size
+
     def clear_faults(self) -> None:
         """No faults from now on."""
         self.app.set_faults(FaultPlan())
