@@ -152,7 +152,7 @@ def test_a_deep_incremental_listing_switches_to_large_pages_from_page_one():
     paging = Paging.start(_options(), InstanceCursor(max_start_ms=5))
     paging.next_request()
     paging.count(250)
-    assert paging.after_page(items=10, seen=10, shifted=False) == "deep"
+    assert paging.after_page(items=10, shifted=False) == "deep"
     assert paging.next_request() == (1, 100)
 
 
@@ -160,29 +160,77 @@ def test_a_short_page_ends_the_listing():
     paging = Paging.start(_options(), InstanceCursor(max_start_ms=5))
     paging.next_request()
     paging.count(7)
-    assert paging.after_page(items=7, seen=7, shifted=False) == "done"
+    assert paging.after_page(items=7, shifted=False) == "done"
 
 
-def test_a_server_capping_the_large_size_is_read_again_by_the_configured_size():
+def test_a_server_capping_the_large_size_is_read_again_from_page_one_at_its_cap():
     paging = Paging.start(_options(), InstanceCursor())
     paging.next_request()
     paging.count(500)
-    assert paging.after_page(items=50, seen=50, shifted=False) == "capped"  # asked 100, got 50 of 500
+    assert paging.after_page(items=50, shifted=False) == "capped"  # asked 100, got 50 of 500
+    assert paging.next_request() == (1, 50)
+    paging.count(500)
+    assert paging.after_page(items=50, shifted=False) == "next"
+    assert paging.next_request() == (2, 50)
+
+
+def test_a_cap_below_the_configured_size_is_followed_too_and_not_learnt():
+    """Asked 10 (an incremental run), got 4 while the server counts 30: pages of 4 from page 1.
+    The configured size is the user's; only the instance that met the cap reads below it."""
+    options = _options()
+    paging = Paging.start(options, InstanceCursor(max_start_ms=5))
     assert paging.next_request() == (1, 10)
+    paging.count(30)
+    assert paging.after_page(items=4, shifted=False) == "capped"
+    assert paging.next_request() == (1, 4)
+    for page in range(1, 8):
+        paging.count(30)
+        step = paging.after_page(items=4, shifted=False)
+        assert step == "next"
+        assert paging.next_request() == (page + 1, 4)
+    paging.count(30)
+    assert paging.after_page(items=2, shifted=False) == "done"  # 7 x 4 + 2 = 30: the end
+    assert "page_size_cap" not in options.learnt
+    assert Paging.start(options, InstanceCursor(max_start_ms=5)).next_request() == (1, 10)
+
+
+def test_a_capped_listing_that_shifts_stays_at_the_cap():
+    """Larger pages would only be capped again (and read from page 1 again): none are asked for."""
+    paging = Paging.start(_options(), InstanceCursor(max_start_ms=5))
+    paging.next_request()
+    paging.count(30)
+    assert paging.after_page(items=4, shifted=False) == "capped"
+    assert paging.next_request() == (1, 4)
+    paging.count(30)
+    assert paging.after_page(items=4, shifted=False) == "next"
+    assert paging.next_request() == (2, 4)
+    assert paging.count(33)  # three tasks started while we paged
+    assert paging.after_page(items=4, shifted=True) == "next"
+    assert paging.next_request() == (3, 4)
+
+
+def test_a_short_last_page_after_the_listing_shrank_is_the_end():
+    """Tasks deleted while we paged: the first count said 300; the last page's own count says 240."""
+    paging = Paging.start(_options(), InstanceCursor())  # a first load: pages of 100
+    for _ in (1, 2):
+        paging.next_request()
+        paging.count(300)
+        assert paging.after_page(items=100, shifted=False) == "next"
+    paging.next_request()
+    paging.count(240)
+    assert paging.after_page(items=40, shifted=False) == "done"
 
 
 def test_a_listing_that_shifts_while_read_continues_with_large_pages_from_an_overlapping_page():
-    paging = Paging.start(_options(), InstanceCursor())  # a first load, pages of 100 ...
-    assert paging.next_request() == (1, 100)
-    paging.count(500)
-    assert paging.after_page(items=40, seen=40, shifted=False) == "capped"  # ... capped at 40
+    """A server that sends no ``totalCount``: the shift shows as a task read twice."""
+    paging = Paging.start(_options(), InstanceCursor(max_start_ms=5))  # pages of 10 ...
     assert paging.next_request() == (1, 10)
-    paging.count(500)
-    assert paging.after_page(items=10, seen=40, shifted=False) == "next"
+    paging.count(None)
+    assert paging.after_page(items=10, shifted=False) == "next"
     assert paging.next_request() == (2, 10)
-    assert paging.count(503)  # three tasks started while we paged: page 2 repeats page 1's tail
-    assert paging.after_page(items=10, seen=47, shifted=True) == "next"
-    assert paging.next_request() == (1, 40)  # tasks 1-40 cover 11-20 again: no gap
+    paging.count(None)  # three tasks started while we paged: page 2 repeats page 1's tail
+    assert paging.after_page(items=10, shifted=True) == "next"
+    assert paging.next_request() == (1, 100)  # tasks 1-100 cover 11-20 again: no gap
 
 
 def test_a_full_page_that_reaches_the_servers_count_ends_the_listing():
@@ -190,7 +238,7 @@ def test_a_full_page_that_reaches_the_servers_count_ends_the_listing():
     for page in range(1, 6):
         assert paging.next_request() == (page, 100)
         paging.count(500)
-        step = paging.after_page(items=100, seen=100 * page, shifted=False)
+        step = paging.after_page(items=100, shifted=False)
     assert step == "done"  # no sixth request for a page that can only be empty
 
 
@@ -202,7 +250,7 @@ def test_a_listing_growing_faster_than_it_is_read_fails_after_a_bounded_number_o
             paging.next_request()
             total += 10
             paging.count(total)
-            paging.after_page(items=10, seen=10, shifted=False)
+            paging.after_page(items=10, shifted=False)
     # the first count was 40 tasks, 4 pages of 10: the budget is 10 + 4 x 4 requests, then it fails
     assert paging.first_total == 40
     assert paging.pages_read == 10 + 4 * 4 + 1
@@ -271,7 +319,7 @@ def test_once_a_server_capped_a_page_the_next_instances_start_with_its_cap():
     first = Paging.start(options, InstanceCursor())
     first.next_request()
     first.count(500)
-    assert first.after_page(items=40, seen=40, shifted=False) == "capped"
+    assert first.after_page(items=40, shifted=False) == "capped"
     later = Paging.start(options, InstanceCursor())  # another instance of the same run
     assert later.next_request() == (1, 40)
     assert Paging.start(_options(page_size=10, max_page_size=100), InstanceCursor()).next_request() == (

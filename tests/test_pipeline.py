@@ -614,6 +614,33 @@ def test_a_server_that_caps_the_page_size_loses_nothing(make_emulator, tmp_path)
     assert_equals_truth(duckdb_rows(config.duckdb_path), emu)
 
 
+def test_a_server_capping_below_the_configured_page_size_loses_nothing(make_emulator, tmp_path):
+    """Pages of 25 asked, 7 answered: every instance is read again from page 1 by 7, on the first
+    load and on an incremental run after tasks started and finished (a short page is not the end
+    while the server counts tasks after it)."""
+    emu = make_emulator(keys={AK: SECRET}, app_groups=1, functions_per_group=2, tasks_per_instance=60)
+    emu.cap_page_size(7)
+    config = config_for(emu, tmp_path, page_size=25, max_page_size=1000)
+    first = run_ok(config)
+    assert_equals_truth(duckdb_rows(config.duckdb_path), emu)
+    assert all(instance.requests > 2 for instance in first.report.instances)
+    before = len(emu.truth())
+    emu.advance(hours=30)
+    assert len(emu.truth()) > before  # tasks started (and running ones finished)
+    run_ok(config)
+    assert_equals_truth(duckdb_rows(config.duckdb_path), emu)
+
+
+def test_discovery_finds_every_instance_when_the_server_caps_its_page_size(make_emulator, tmp_path):
+    """ListFunctionInstances asked for 100 and answering 3 of 8 must not hide the other five."""
+    emu = make_emulator(keys={AK: SECRET}, app_groups=1, functions_per_group=1, instances_per_function=8)
+    emu.cap_instances_page_size(3)
+    config = config_for(emu, tmp_path)
+    result = run_ok(config)
+    assert len(result.report.instances) == 8
+    assert_equals_truth(duckdb_rows(config.duckdb_path), emu)
+
+
 def test_repair_after_a_resumed_load_keeps_one_row_per_task(emu, tmp_path):
     """The merge skips dlt's staging dedup; a resumed package is followed by this repair."""
     from opensearch_tasks.runner import remove_duplicate_rows

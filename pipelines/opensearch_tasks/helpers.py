@@ -119,8 +119,9 @@ class Paging:
     Incremental reads use the configured page size; a first load or a backfill (a deep history)
     uses the large one. Newest-first page numbers shift when tasks start while we page, so a
     listing seen growing switches to large pages from a page that overlaps what was read; a server
-    that caps the large size is read again with the configured one; and a listing that grows faster
-    than it can be read fails after a bounded number of requests instead of paging forever.
+    that caps the page size (any size we ask for) is read again from page 1 at its cap; and a
+    listing that grows faster than it can be read fails after a bounded number of requests instead
+    of paging forever.
     """
 
     options: ReadOptions
@@ -130,6 +131,7 @@ class Paging:
     pages_read: int = 0
     first_total: int | None = None
     last_total: int | None = None
+    cap: int | None = None  # the page size this server answered at most, once it capped one
 
     @classmethod
     def start(cls, options: ReadOptions, cursor: InstanceCursor) -> Paging:
@@ -143,7 +145,7 @@ class Paging:
         self.page_number += 1
         self.pages_read += 1
         if self.first_total is not None and self.pages_read > _page_budget(
-            self.first_total, self.options.page_size
+            self.first_total, min(self.options.page_size, self.size)
         ):
             raise ListingError(
                 f"the task listing grew faster than it could be read ({self.pages_read - 1} pages, "
@@ -160,22 +162,27 @@ class Paging:
         self.last_total = total
         return growing
 
-    def after_page(self, items: int, seen: int, shifted: bool) -> Step:
-        """What follows a page of ``items`` tasks, ``seen`` distinct tasks read so far, and
-        ``shifted``: whether the listing moved under us while it was read."""
+    def _counted_beyond(self, items: int) -> bool:
+        """Whether this page's own ``totalCount`` counts tasks after its ``items`` (one response:
+        a listing that grew or shrank between pages does not make it so)."""
+        return (
+            self.last_total is not None and (self.page_number - 1) * self.size + items < self.last_total
+        )
+
+    def after_page(self, items: int, shifted: bool) -> Step:
+        """What follows a page of ``items`` tasks, and ``shifted``: whether the listing moved under
+        us while it was read."""
         options = self.options
         if items < self.size:
-            if (
-                self.first_total is not None
-                and seen < self.first_total
-                and self.size != options.page_size
-            ):
-                # Fewer tasks than the server counted: it capped the larger page size. Read again
-                # with the configured size (already-kept rows are skipped as seen), and let the
-                # instances read after this one start with the server's cap.
+            if items and self._counted_beyond(items):
+                # A short page while the server counts tasks after it: the server capped the page
+                # size (at ``items``), whatever size was asked for. Read again from page 1 at its
+                # cap (kept rows are skipped as seen): page offsets agree once we ask for what it
+                # answers. A cap at or above the configured size is one the instances read after
+                # this one start with; a smaller one is each instance's own (and the warning's).
                 if items >= options.page_size:
                     options.learnt["page_size_cap"] = items
-                self.size, self.can_grow, self.page_number = options.page_size, False, 0
+                self.size, self.cap, self.can_grow, self.page_number = items, items, False, 0
                 return "capped"
             return "done"
         if self.can_grow and self.page_number == 1 and (self.last_total or 0) > self.size:
@@ -183,9 +190,10 @@ class Paging:
             # first page is short). Page 1 is read again as part of the first large page.
             self.size, self.can_grow, self.page_number = options.large_page_size, False, 0
             return "deep"
-        if shifted and self.size < options.large_page_size:
+        if shifted and self.cap is None and self.size < options.large_page_size:
             # Tasks start faster than small pages advance: read on with large pages, from a page
-            # that overlaps what was read (overlapping tasks are skipped as seen).
+            # that overlaps what was read (overlapping tasks are skipped as seen). Not past a
+            # server's cap: larger pages would only be capped, and read from page 1, again.
             read_up_to = self.page_number * self.size
             self.size, self.can_grow = options.large_page_size, False
             self.page_number = read_up_to // self.size
@@ -302,12 +310,21 @@ def read_instance(
             table, batch = batch.to_arrow(), TaskBatch(kinds, target, fetched_at_us)
             emit(table)
         shifted = growing or report.duplicates_skipped > skipped_before
-        step = paging.after_page(len(items), len(selection.seen), shifted)
+        step = paging.after_page(len(items), shifted)
         if step == "done":
             break
         if step == "capped":
+            hint = ""
+            if paging.size < options.page_size:
+                hint = f" (a --page-size of at most {paging.size} saves this request)"
             logger.warning(
-                "%s: server returned short pages of %d; paging by %d", target, len(items), paging.size
+                "%s: the server answered %d tasks to a page of %d and counts more; reading again "
+                "from page 1 by %d%s",
+                target,
+                len(items),
+                size,
+                paging.size,
+                hint,
             )
         if step in ("capped", "deep"):
             selection.read_again()
@@ -431,7 +448,12 @@ def discover_all(
 
 
 def _instances_of(client: OpenSearchClient, app_group: str, fn: str) -> Iterator[Target]:
+    """Every instance of one function, each once. A short page while the server counts more
+    instances after it is a capped page size (the documented default is 10): the listing is read
+    again from page 1 at the server's size. A later full page that adds no new name ends the listing
+    (a server that ignores ``pageNumber`` would otherwise be paged for ever)."""
     page_number, page_size = 1, 100
+    names: set[str] = set()
     while True:
         body = client.get(
             "ListFunctionInstances",
@@ -440,10 +462,30 @@ def _instances_of(client: OpenSearchClient, app_group: str, fn: str) -> Iterator
             f"ListFunctionInstances {app_group}/{fn}",
         )
         items = result_items(body)
+        new = 0
         for item in items:
             name = pick(item, "instanceName", "InstanceName")
-            if name:
+            if name and str(name) not in names:
+                names.add(str(name))
+                new += 1
                 yield Target(app_group, fn, str(name))
-        if len(items) < page_size:
-            return
-        page_number += 1
+        total = total_count(body)
+        if len(items) >= page_size:
+            if (page_number > 1 and not new) or (total is not None and page_number * page_size >= total):
+                return
+            page_number += 1
+            continue
+        if items and total is not None and (page_number - 1) * page_size + len(items) < total:
+            logger.warning(
+                "ListFunctionInstances %s/%s: the server answered %d instances to a page of %d "
+                "and counts %d; reading again from page 1 by %d",
+                app_group,
+                fn,
+                len(items),
+                page_size,
+                total,
+                len(items),
+            )
+            page_number, page_size = 1, len(items)
+            continue
+        return
