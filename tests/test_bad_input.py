@@ -102,11 +102,49 @@ def test_usage_errors(tmp_path, capsys, monkeypatch, argv, needles):
     assert not (tmp_path / "data").exists(), "a refused run must not create anything"
 
 
-def test_invalid_endpoint(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize(
+    ("flag", "value", "needle"),
+    [
+        ("--endpoint", "ftp://somewhere", "invalid endpoint 'ftp://somewhere'"),
+        ("--endpoint", "not a url", "invalid endpoint 'not a url'"),
+        ("--endpoint", "http://127.0.0.1:99999", "invalid endpoint 'http://127.0.0.1:99999'"),
+        ("--endpoint", "https://opensearch.cn-hangzhou.aliyuncs.com/v4", "(no path)"),
+        ("--endpoint", "http://", "invalid endpoint 'http://'"),
+        ("--region", "cn hangzhou", "invalid region 'cn hangzhou'"),
+    ],
+)
+def test_an_invalid_endpoint_or_region_is_refused_before_any_request(
+    tmp_path, capsys, monkeypatch, flag, value, needle
+):
+    """Not a transport error retried for half a minute: one line, exit 2, nothing created."""
     monkeypatch.chdir(tmp_path)
     credentials_env(monkeypatch)
-    done = run_cli(["run", "--target", "app", "--endpoint", "ftp://somewhere"], capsys)
-    one_line(done, 2, "invalid endpoint 'ftp://somewhere'", "https://HOST")
+    done = run_cli(["run", "--target", "app", flag, value], capsys)
+    one_line(done, 2, needle, "https://HOST" if flag == "--endpoint" else "cn-hangzhou")
+    assert not (tmp_path / "data").exists()
+
+
+def test_an_endpoint_with_a_password_is_refused_without_showing_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    credentials_env(monkeypatch)
+    done = run_cli(["run", "--target", "app", "--endpoint", "http://me:hunter2@host"], capsys)
+    one_line(done, 2, "invalid endpoint (a URL with a user name, not shown)")
+    assert "hunter2" not in done.err + done.out
+
+
+@pytest.mark.parametrize("target", ["..", "app/../ctr", "app/ctr/.", "app/ctr/%2E%2E"])
+def test_a_dot_segment_target_is_a_usage_error(tmp_path, capsys, monkeypatch, target):
+    monkeypatch.chdir(tmp_path)
+    credentials_env(monkeypatch)
+    done = run_cli(["run", *NO_NETWORK, "--target", target], capsys)
+    one_line(done, 2, f"invalid target {target!r}", "'.' and '..'")
+
+
+def test_a_duckdb_path_that_is_a_folder_is_a_usage_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    credentials_env(monkeypatch)
+    done = run_cli(["run", "--target", "app", *NO_NETWORK, "--duckdb-path", str(tmp_path)], capsys)
+    one_line(done, 2, f"--duckdb-path {tmp_path}: is a folder", "opensearch.duckdb")
 
 
 def test_no_targets_anywhere(tmp_path, capsys, monkeypatch):
@@ -234,9 +272,12 @@ def test_server_not_listening(tmp_path, capsys, monkeypatch):
     assert "HTTPConnectionPool" not in line
 
 
-def test_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("where", ["before the command", "after the command"])
+def test_debug_shows_the_traceback(tmp_path, capsys, monkeypatch, where):
     monkeypatch.chdir(tmp_path)
     credentials_env(monkeypatch)
-    done = run_cli(["--debug", "run", "--target", "app", "--page-size", "0"], capsys)
+    argv = ["run", "--target", "app", "--page-size", "0"]
+    argv = ["--debug", *argv] if where == "before the command" else [*argv, "--debug"]
+    done = run_cli(argv, capsys)
     assert done.code == 2
     assert "Traceback" in done.err and "--page-size must be between" in done.err

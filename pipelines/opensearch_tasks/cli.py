@@ -134,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="emulator -> load -> advance clock -> load -> models -> report")
     _add_options(demo, "demo")
+    for command in (run, models, alerts, report, sql, demo):  # before or after the command
+        command.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help="same as before the command"
+        )
     return parser
 
 

@@ -13,9 +13,11 @@ the SDK's exception (whose request object holds the signed headers and STS token
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import random
+import re
 import sys
 import threading
 import time
@@ -141,16 +143,52 @@ class RetryPolicy:
         return backoff
 
 
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+_REGION = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
+
+
 def resolve_endpoint(endpoint: str | None, region: str | None) -> tuple[str, str]:
-    """(host[:port], protocol) from an explicit URL/host or a region (HTTPS by default)."""
+    """(host[:port], protocol) from an explicit URL/host or a region (HTTPS by default).
+
+    Why so strict: a malformed endpoint or region would otherwise surface as a transport error
+    retried for half a minute; here it is a one-line usage error naming what to write."""
     if endpoint:
-        if "://" not in endpoint:
-            return endpoint.rstrip("/"), "https"
-        parts = urlsplit(endpoint)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise OpenSearchError(f"invalid endpoint {endpoint!r}: use https://HOST or http://HOST:PORT")
+        text = endpoint.strip()
+        parts = urlsplit(text if "://" in text else f"https://{text}")
+        try:
+            port_ok = parts.port is None or parts.port > 0
+        except ValueError:  # not a number, or out of range
+            port_ok = False
+        if (
+            parts.scheme not in ("http", "https")
+            or not _is_host(parts.hostname or "")
+            or not port_ok
+            or parts.path not in ("", "/")
+            or parts.query
+            or parts.fragment
+            or parts.username is not None
+        ):
+            shown = repr(endpoint) if "@" not in endpoint else "(a URL with a user name, not shown)"
+            raise OpenSearchError(
+                f"invalid endpoint {shown}: use https://HOST or http://HOST:PORT (no path)"
+            )
         return parts.netloc, parts.scheme
-    return f"opensearch.{region or DEFAULT_REGION}.aliyuncs.com", "https"
+    region = region or DEFAULT_REGION
+    if not _REGION.fullmatch(region):
+        raise OpenSearchError(
+            f"invalid region {region!r}: expected a region id such as {DEFAULT_REGION}"
+        )
+    return f"opensearch.{region}.aliyuncs.com", "https"
+
+
+def _is_host(host: str) -> bool:
+    """A DNS name or an IP address (urlsplit leaves spaces and other junk in ``hostname``)."""
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        labels = host.rstrip(".").split(".")
+        return len(host) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in labels)
 
 
 def segment(name: str) -> str:

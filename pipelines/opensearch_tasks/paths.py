@@ -52,6 +52,16 @@ def ensure_writable_dir(directory: Path, option: str) -> None:
         raise UsageError(f"{option}: {directory} is not writable")
 
 
+def ensure_database_file(path: str | Path, option: str = "--duckdb-path") -> None:
+    """A DuckDB file a run writes: absent (it is created) or a file, never a folder."""
+    file = Path(path).expanduser()
+    if file.is_dir():
+        raise UsageError(
+            f"{option} {path}: is a folder, not a DuckDB file; give a file path, "
+            f"e.g. {file / 'opensearch.duckdb'}"
+        )
+
+
 def duckdb_locked_message(path: str | Path, note: str = "") -> str:
     return (
         f"{path} is locked by another process (a notebook or DuckDB CLI?): "

@@ -36,6 +36,7 @@ from opensearch_tasks.models import duckdb_table_exists, quote_identifier
 from opensearch_tasks.options import DEFAULT_DUCKDB_PATH, DEFAULT_PARQUET_MODELS_PATH, default
 from opensearch_tasks.paths import (
     duckdb_locked_message,
+    ensure_database_file,
     ensure_writable_dir,
     is_duckdb_lock_error,
 )
@@ -357,11 +358,13 @@ def remove_duplicate_rows(duckdb_path: str, memory_limit: str = "128MB") -> int:
 def check_paths(config: RunConfig) -> None:
     """Unwritable places fail first, in one line naming the option (not after a whole extraction)."""
     if config.destination == "duckdb":
+        ensure_database_file(config.duckdb_path)
         ensure_writable_dir(Path(config.duckdb_path).resolve().parent, "--duckdb-path")
     else:
         if not config.is_remote:
             ensure_writable_dir(Path(str(config.parquet_dir)).resolve(), "--parquet-dir")
         if config.build_models:
+            ensure_database_file(config.models_db())
             ensure_writable_dir(Path(config.models_db()).resolve().parent, "--duckdb-path")
     ensure_writable_dir(_pipeline_lock_path(config).parent, "--pipelines-dir")
 

@@ -33,6 +33,8 @@ def parse_target(text: str) -> TargetSpec:
             "(write a '/' inside a name as %2F)"
         )
     names = [unquote(p.strip()) for p in parts]
+    if any(name in (".", "..") for name in names):
+        raise TargetError(f"invalid target {text!r}: '.' and '..' cannot be sent as names in a URL path")
     if len(names) >= 2 and names[1] not in KNOWN_FUNCTIONS:
         raise TargetError(
             f"invalid target {text!r}: unknown function {names[1]!r}; "
