@@ -36,6 +36,19 @@ def test_an_open_task_holds_the_window_back_to_its_start():
     assert cursor.window_start_ms(NOW, STALE) == NOW - 10 * HOUR
 
 
+@pytest.mark.parametrize("status", ["running", "queued", None])
+def test_a_task_without_a_final_status_stays_open_and_is_read_again(status):
+    """Only ``success`` and ``failed`` are final: a ``queued`` task stored as final would keep that
+    status for ever."""
+    update = CursorUpdate(InstanceCursor())
+    update.see("done", NOW - 3 * HOUR, "success", False, "1")
+    update.see("waiting", NOW - 2 * HOUR, status, False, "2")
+    update.see("new", NOW - HOUR, "failed", False, "3")
+    cursor, _ = update.result(NOW, STALE)
+    assert cursor.open == {"waiting": NOW - 2 * HOUR}
+    assert cursor.window_start_ms(NOW, STALE) == NOW - 2 * HOUR
+
+
 def test_an_open_task_past_the_stale_horizon_no_longer_holds_the_window():
     cursor = InstanceCursor(max_start_ms=NOW - HOUR, open={"old": NOW - 30 * HOUR})
     assert cursor.window_start_ms(NOW, STALE) == NOW - HOUR

@@ -5,7 +5,8 @@ destination and is restored from it):
 
 * ``max_start_ms``  the newest task start the API has shown us;
 * ``boundary``      run ids that started exactly at ``max_start_ms`` (already stored);
-* ``open``          ``{run_id: start_ms}`` of tasks last seen running (they must be read again);
+* ``open``          ``{run_id: start_ms}`` of tasks last seen open, i.e. with any status but the
+                    final ``success`` and ``failed`` (they must be read again);
 * ``unit``          ``"ms"`` or ``"s"``: the instance's own time unit, for the ``startTime`` filter;
 * ``stale``         ``{run_id: [generation, start_ms, checked_ms]}`` of tasks still open past the
                     stale horizon: no longer in the window, so each is checked on its own
@@ -21,6 +22,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+FINAL_STATUSES = frozenset({"success", "failed"})
+
+
+def is_open(status: str | None) -> bool:
+    """Whether a task may still change: ``running``, and any status the API reference does not
+    list (``queued``, none at all), which would otherwise be stored as final and never read again."""
+    return status not in FINAL_STATUSES
 
 
 @dataclass
@@ -114,7 +123,7 @@ class CursorUpdate:
         seconds: bool,
         generation: str | None = None,
     ) -> None:
-        if status == "running" and generation:
+        if is_open(status) and generation:
             self.generations[run_id] = generation
         if seconds:
             self.unit = "s"
@@ -122,7 +131,7 @@ class CursorUpdate:
             self.unit = "ms"
         if start_ms is None:
             return
-        if status == "running":
+        if is_open(status):
             self.running[run_id] = start_ms
         if self.max_start_ms is None or start_ms > self.max_start_ms:
             self.max_start_ms = start_ms

@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from opensearch_tasks.client import OpenSearchClient, OpenSearchError, instances_path, segment
 from opensearch_tasks.client import tasks_path as _tasks_path
-from opensearch_tasks.cursor import CursorUpdate, InstanceCursor, to_filter_value
+from opensearch_tasks.cursor import CursorUpdate, InstanceCursor, is_open, to_filter_value
 from opensearch_tasks.records import (
     ColumnKinds,
     Target,
@@ -376,7 +376,7 @@ def check_stale_tasks(
         page = read_page([item], target) if isinstance(item, dict) else None
         if page is None or page.run_id[0] != run_id:  # the generation now names another task
             update.stale_checked[run_id] = None
-        elif page.status[0] == "running":
+        elif is_open(page.status[0]):
             update.stale_checked[run_id] = [generation, start_ms, clock_ms]
         else:
             update.stale_checked[run_id] = None
