@@ -16,8 +16,17 @@ from dataclasses import asdict, dataclass, field, fields
 
 from .spec import Target
 
-FAULT_KINDS: tuple[str, ...] = ("throttle", "5xx", "stall", "drop", "truncate", "error_in_200")
-"""Outcomes a data request can be given; scripts may also say "ok"."""
+FAULT_KINDS: tuple[str, ...] = (
+    "throttle",
+    "5xx",
+    "stall",
+    "drop",
+    "truncate",
+    "error_in_200",
+    "null_result",
+)
+"""Outcomes a data request can be given; scripts may also say "ok". ``null_result`` (scripts only:
+no rate draws it) is a 200 whose ``result`` is null while its ``totalCount`` is the true one."""
 
 
 @dataclass(frozen=True)

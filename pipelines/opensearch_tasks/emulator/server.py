@@ -228,6 +228,10 @@ class App:
             return _Response(exc.status, body, exc.code)
         if fault == "truncate":
             resp.truncate = plan.truncate_mode
+        if fault == "null_result":
+            body = orjson.loads(resp.body)
+            body["Result" if "Result" in body else "result"] = None
+            resp = _Response(200, orjson.dumps(body))
         return resp
 
 
