@@ -12,7 +12,7 @@ import pytest
 from opensearch_tasks.client import RetryPolicy
 from opensearch_tasks.cursor import CursorUpdate, InstanceCursor, to_filter_value
 from opensearch_tasks.helpers import InstanceReport, ListingError, Paging, ReadOptions, RowSelection
-from opensearch_tasks.records import Target
+from opensearch_tasks.records import Target, total_count
 
 HOUR = 3_600_000
 NOW = 1_000 * HOUR  # an arbitrary "now" in epoch ms
@@ -253,6 +253,25 @@ def test_a_full_page_that_reaches_the_servers_count_ends_the_listing():
         paging.count(500)
         step = paging.after_page(items=100, shifted=False)
     assert step == "done"  # no sixth request for a page that can only be empty
+
+
+@pytest.mark.parametrize(
+    ("value", "count"),
+    [(12, 12), ("12", 12), ("many", None), (True, None), (-1, None), (None, None), ([3], None)],
+)
+def test_a_total_count_that_is_not_a_whole_number_is_no_count(value, count):
+    """Paging then ends on a short page, as without a count, instead of failing the instance."""
+    assert total_count({"totalCount": value}) == count
+    assert total_count({"TotalCount": value}) == count
+
+
+def test_a_full_page_past_the_servers_count_does_not_end_the_listing():
+    """A count that is wrong (1, while a page holds 100) is not trusted to skip a request."""
+    paging = Paging.start(_options(), InstanceCursor())
+    paging.next_request()
+    paging.count(1)
+    assert paging.after_page(items=100, shifted=False) == "next"
+    assert paging.next_request() == (2, 100)
 
 
 def test_a_listing_growing_faster_than_it_is_read_fails_after_a_bounded_number_of_requests():

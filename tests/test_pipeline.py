@@ -641,6 +641,41 @@ def test_discovery_finds_every_instance_when_the_server_caps_its_page_size(make_
     assert_equals_truth(duckdb_rows(config.duckdb_path), emu)
 
 
+def test_a_page_without_its_result_list_fails_the_instance_and_the_next_run_loads_it_all(
+    make_emulator, tmp_path
+):
+    """Page 2 answers ``result: null`` with the true ``totalCount``: not the end of the listing
+    (that moved the cursor past every older task, for good), but a failed instance that keeps its
+    cursor."""
+    emu = make_emulator(keys={AK: SECRET}, app_groups=1, functions_per_group=1, instances_per_function=1)
+    emu.set_faults(FaultPlan(script=("ok", "null_result"), only_actions=("ListFunctionTasks",)))
+    config = config_for(emu, tmp_path, page_size=10, max_page_size=10)
+    result = run(config)
+    (failure,) = result.report.failures
+    assert "page 2 holds no tasks while the server counts" in failure, failure
+    assert emu.faults_injected == {"null_result": 1}
+    emu.clear_faults()
+    run_ok(config)
+    assert_equals_truth(duckdb_rows(config.duckdb_path), emu)
+
+
+def test_an_instance_listing_without_its_result_list_fails_discovery_not_silently(
+    make_emulator, tmp_path
+):
+    """ListFunctionInstances answering ``result: null`` while counting instances is not "none"."""
+    emu = make_emulator(keys={AK: SECRET}, app_groups=1, functions_per_group=1)
+    emu.set_faults(FaultPlan(script=("null_result",), only_actions=("ListFunctionInstances",)))
+    (app_group, function, _), *_ = emu.targets()
+    config = config_for(emu, tmp_path, targets=[f"{app_group}/{function}"])  # one discovery request
+    result = run(config)
+    assert any("holds no instances while the server counts" in f for f in result.report.failures), (
+        result.report.failures
+    )
+    emu.clear_faults()
+    run_ok(config)
+    assert_equals_truth(duckdb_rows(config.duckdb_path), emu)
+
+
 def test_repair_after_a_resumed_load_keeps_one_row_per_task(emu, tmp_path):
     """The merge skips dlt's staging dedup; a resumed package is followed by this repair."""
     from opensearch_tasks.runner import remove_duplicate_rows

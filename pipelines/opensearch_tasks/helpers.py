@@ -162,7 +162,7 @@ class Paging:
         self.last_total = total
         return growing
 
-    def _counted_beyond(self, items: int) -> bool:
+    def counts_beyond(self, items: int) -> bool:
         """Whether this page's own ``totalCount`` counts tasks after its ``items`` (one response:
         a listing that grew or shrank between pages does not make it so)."""
         return (
@@ -174,7 +174,7 @@ class Paging:
         us while it was read."""
         options = self.options
         if items < self.size:
-            if items and self._counted_beyond(items):
+            if items and self.counts_beyond(items):
                 # A short page while the server counts tasks after it: the server capped the page
                 # size (at ``items``), whatever size was asked for. Read again from page 1 at its
                 # cap (kept rows are skipped as seen): page offsets agree once we ask for what it
@@ -198,9 +198,10 @@ class Paging:
             self.size, self.can_grow = options.large_page_size, False
             self.page_number = read_up_to // self.size
             return "next"
-        if self.last_total is not None and self.page_number * self.size >= self.last_total:
+        if self.last_total is not None and self.page_number * self.size == self.last_total:
             # Every task the server counted is read (a growing listing went to "shifted" above):
-            # no request for a page that can only be empty.
+            # no request for a page that can only be empty. A full page past the count means the
+            # count is wrong: read on until a short page.
             return "done"
         return "next"
 
@@ -298,6 +299,13 @@ def read_instance(
         body = list_tasks_page(client, target, page_number, size, start_filter)
         items = result_items(body)
         growing = paging.count(total_count(body))
+        if not items and paging.counts_beyond(0):
+            # ``result`` empty or null while the page's own count says tasks are here: taking it
+            # for the end would move the cursor past them.
+            raise ListingError(
+                f"page {page_number} holds no tasks while the server counts {paging.last_total}; "
+                "this instance keeps its cursor and is read again on the next run"
+            )
         page = read_page(items, target)
         skipped_before = report.duplicates_skipped
         batch.add_page(page, selection.keep(page))
@@ -470,6 +478,11 @@ def _instances_of(client: OpenSearchClient, app_group: str, fn: str) -> Iterator
                 new += 1
                 yield Target(app_group, fn, str(name))
         total = total_count(body)
+        if not items and total is not None and (page_number - 1) * page_size < total:
+            raise OpenSearchError(
+                f"ListFunctionInstances {app_group}/{fn} page {page_number} holds no instances "
+                f"while the server counts {total}"
+            )
         if len(items) >= page_size:
             if (page_number > 1 and not new) or (total is not None and page_number * page_size >= total):
                 return

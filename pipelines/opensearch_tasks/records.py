@@ -101,8 +101,16 @@ def result_items(body: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def total_count(body: Mapping[str, Any]) -> int | None:
+    """``totalCount`` as a number, or None when absent or not a whole number: paging then ends on
+    a short page, as it would without a count."""
     value = pick(body, "totalCount", "TotalCount")
-    return int(value) if value is not None else None
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    try:
+        number = int(value)
+    except (ValueError, OverflowError):
+        return None
+    return number if number >= 0 else None
 
 
 def to_epoch_ms(value: Any) -> tuple[int | None, bool]:
