@@ -106,6 +106,22 @@ def assert_equals_truth(rows: list[dict[str, Any]], emu: Any) -> None:
     assert not problems, f"{len(problems)} flattening differences, e.g. {problems[:3]}"
 
 
+def readme_segment(key: str) -> str:
+    """A key's column segment as the README states it: dlt's snake_case of the key with every
+    non-ASCII character written ``u<hex>``; a key of ASCII punctuation or blanks only spelled out
+    whole that way; ``""`` as ``empty_key``."""
+    if key == "":
+        return "empty_key"
+    if all(ord(char) < 128 and not char.isalnum() for char in key):
+        return _NAMING.normalize_identifier("_".join(f"u{ord(char):x}" for char in key))
+    text = "".join(f"_u{ord(char):x}_" if ord(char) >= 128 else char for char in key)
+    if ord(key[0]) >= 128:
+        text = text[1:]
+    if ord(key[-1]) >= 128:
+        text = text[:-1]
+    return _NAMING.normalize_identifier(text)
+
+
 def expected_flattening(raw: str | None) -> dict[str, Any] | None:
     """``extendInfo`` as the README promises to flatten it, computed here without the product's
     code: nested objects join their keys with ``__`` (dlt's snake_case names), lists are JSON text,
@@ -122,11 +138,7 @@ def expected_flattening(raw: str | None) -> dict[str, Any] | None:
 
     def walk(obj: dict[str, Any], prefix: str) -> None:
         for key, value in obj.items():
-            try:
-                name = _NAMING.normalize_identifier(str(key)) or "_"
-            except ValueError:
-                name = "_"
-            column = f"{prefix}__{name}"
+            column = f"{prefix}__{readme_segment(str(key))}"
             if isinstance(value, dict):
                 walk(value, column)
             elif value is not None:

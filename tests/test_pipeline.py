@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -674,6 +675,43 @@ def test_an_instance_listing_without_its_result_list_fails_discovery_not_silentl
     emu.clear_faults()
     run_ok(config)
     assert_equals_truth(duckdb_rows(config.duckdb_path), emu)
+
+
+ODD_KEYS = {"": 1, "x": 2, "_": 3, "准确率": 0.91, "召回率": 0.85, "Ä": 4, "ä": 5, "hitRate": 6}
+ODD_COLUMNS = {
+    "extend_info__empty_key": 1.0,
+    "extend_info__x": 2.0,
+    "extend_info__u5f": 3.0,
+    "extend_info__u51c6_u786e_u7387": 0.91,
+    "extend_info__u53ec_u56de_u7387": 0.85,
+    "extend_info__uc4": 4.0,
+    "extend_info__ue4": 5.0,
+    "extend_info__hit_rate": 6.0,
+}
+
+
+@pytest.mark.parametrize("destination", ["duckdb", "parquet"])
+def test_keys_that_snake_case_would_merge_get_a_column_each(make_emulator, tmp_path, destination):
+    """Every non-ASCII character became ``x`` (all Chinese metrics in one column), and ``""``
+    collided with ``x``, which made dlt refuse the whole load, every instance's rows with it."""
+    emu = make_emulator(keys={AK: SECRET}, app_groups=1, functions_per_group=1)
+    (app_group, function, instance), *_ = emu.targets()
+    odd = emu.add_task(app_group, function, instance, extend_info=json.dumps(ODD_KEYS))
+    where = (
+        {"duckdb_path": str(tmp_path / "tasks.duckdb")}
+        if destination == "duckdb"
+        else {"destination": "parquet", "parquet_dir": str(tmp_path / "lake")}
+    )
+    config = config_for(emu, tmp_path, **where)
+    run_ok(config)
+    rows = (
+        duckdb_rows(config.duckdb_path)
+        if destination == "duckdb"
+        else parquet_newest_rows(str(tmp_path / "lake"))
+    )
+    assert_equals_truth(rows, emu)  # every instance loaded
+    (row,) = [r for r in rows if r["run_id"] == odd["run_id"]]
+    assert {column: row[column] for column in ODD_COLUMNS} == ODD_COLUMNS
 
 
 def test_repair_after_a_resumed_load_keeps_one_row_per_task(emu, tmp_path):

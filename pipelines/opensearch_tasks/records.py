@@ -15,6 +15,7 @@ flattening of ``extendInfo`` are decided in one place:
 
 from __future__ import annotations
 
+import re
 from array import array
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -142,12 +143,33 @@ def _child_column(prefix: str, key: str) -> str:
         names = _COLUMN_NAMES[prefix] = {}
     column = names.get(key)
     if column is None:
-        try:
-            name = _NAMING.normalize_identifier(key) or "_"
-        except ValueError:  # dlt refuses empty and blank names; "" is a valid JSON key
-            name = "_"
-        column = names[key] = f"{prefix}__{name}"
+        column = names[key] = f"{prefix}__{segment_name(key)}"
     return column
+
+
+_NON_ASCII_RUN = re.compile(r"[^\x00-\x7f]+")
+
+
+def segment_name(key: str) -> str:
+    """One ``extendInfo`` key as a column-name segment: dlt's snake_case (``hitRate`` ->
+    ``hit_rate``), except where snake_case would erase the key. It turns every non-ASCII
+    character into ``x``, so every Chinese metric would share one column; here each becomes
+    ``u`` + its code point (``准确率`` -> ``u51c6_u786e_u7387``). A key with no letter or digit is
+    spelled out the same way (``_`` -> ``u5f``) and ``""`` is ``empty_key``, so none of them
+    shares a column with the key ``x`` (which made dlt refuse the whole load)."""
+    if not key:
+        return "empty_key"
+
+    def spell(match: re.Match[str]) -> str:
+        codes = "_".join(f"u{ord(char):x}" for char in match.group())
+        before = "_" if match.start() > 0 else ""
+        after = "_" if match.end() < len(key) else ""
+        return f"{before}{codes}{after}"
+
+    text = _NON_ASCII_RUN.sub(spell, key)
+    if not any(char.isalnum() for char in text):
+        text = "_".join(f"u{ord(char):x}" for char in key)
+    return str(_NAMING.normalize_identifier(text))
 
 
 def raw_extend_info(value: Any) -> str | None:
