@@ -281,3 +281,32 @@ def test_debug_shows_the_traceback(tmp_path, capsys, monkeypatch, where):
     done = run_cli(argv, capsys)
     assert done.code == 2
     assert "Traceback" in done.err and "--page-size must be between" in done.err
+
+
+def test_report_html_never_replaces_what_is_not_an_html_report(emu, tmp_path, capsys, monkeypatch):
+    """The database itself, a folder, a device, another file, an empty name: refused in one line,
+    the file as it was. A new file, or an earlier .html report, is written."""
+    credentials_env(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    database = tmp_path / "tasks.duckdb"
+    run_args_with_models = [a for a in run_args(emu, tmp_path) if a != "--no-models"]
+    assert run_cli(run_args_with_models, capsys).code == 0
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    before = database.read_bytes()
+    report = ["report", "--duckdb-path", str(database), "--html"]
+    for target, needle in [
+        (str(database), "exists and is not an .html file"),
+        (str(notes), "exists and is not an .html file"),
+        (str(tmp_path), "not a regular file"),
+        ("/dev/null", "not a regular file"),
+        ("", "--html needs a file name"),
+    ]:
+        one_line(run_cli([*report, target], capsys), 2, needle)
+    assert database.read_bytes() == before and notes.read_text() == "mine"
+    earlier = tmp_path / "report.html"
+    earlier.write_text("<html>old</html>")
+    for target in (earlier, tmp_path / "new.html"):
+        done = run_cli([*report, str(target)], capsys)
+        assert done.code == 0, done.err
+        assert "<html" in target.read_text() and "old" not in target.read_text()

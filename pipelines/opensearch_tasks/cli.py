@@ -309,12 +309,12 @@ def _models_connection(args: argparse.Namespace, command: str) -> Any:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    if args.html:
-        paths.require_folder(args.html, "--html")
+    if args.html is not None:
+        paths.require_html_target(args.html)
     from opensearch_tasks.report import render_report
 
     with _models_connection(args, "report") as con:
-        if args.html:
+        if args.html is not None:
             from opensearch_tasks.alerts import read_alerts
             from opensearch_tasks.html_report import write_html_report
 

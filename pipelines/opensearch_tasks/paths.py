@@ -42,6 +42,24 @@ def require_folder(path: str | Path, option: str) -> None:
         raise UsageError(f"{option} {path}: the folder {folder} does not exist")
 
 
+def require_html_target(path: str, option: str = "--html") -> None:
+    """Where a report may be written: a new file in an existing folder, or an ``.html`` file it
+    replaces. Why: the report replaces what is there, and a slip of the keyboard (the DuckDB
+    file, a folder, a device) must not turn into lost data."""
+    if not path.strip():
+        raise UsageError(f"{option} needs a file name, e.g. {option} report.html")
+    target = Path(path).expanduser()
+    if target.exists() or target.is_symlink():
+        if not target.is_file():
+            raise UsageError(f"{option} {path}: not a regular file; give a file name, e.g. report.html")
+        if target.suffix.lower() not in (".html", ".htm"):
+            raise UsageError(
+                f"{option} {path}: exists and is not an .html file, so it is not replaced; "
+                "choose another name, e.g. report.html"
+            )
+    require_folder(target, option)
+
+
 def ensure_writable_dir(directory: Path, option: str) -> None:
     """Create a folder a run writes into (``run`` may), or fail in one line naming the option."""
     try:
