@@ -60,6 +60,15 @@ def one_line(done: CliResult, code: int, *needles: str) -> str:
         (["--target", "app", "--since", "2026-13-45"], ["--since: cannot parse '2026-13-45'", "7d/24h"]),
         (["--target", "app", "--since", "3w"], ["--since: cannot parse '3w'"]),
         (["--target", "app", "--until", "soon"], ["--until: cannot parse 'soon'"]),
+        (["--target", "app", "--since", ""], ["--since: cannot parse ''"]),
+        (["--target", "app", "--since", "9999999d"], ["--since: cannot parse '9999999d'"]),
+        (["--target", "app", "--since", "99999d"], ["--since '99999d': outside the years 1970 to 9999"]),
+        (["--target", "app", "--since", "0001-01-01"], ["outside the years 1970 to 9999"]),
+        (["--target", "app", "--until", "9" * 25], ["--until", "outside the years 1970 to 9999"]),
+        (
+            ["--target", "app", "--full-refresh", "--since", "2h"],
+            ["--full-refresh drops the loaded table", "run --full-refresh on its own"],
+        ),
         (
             ["--target", "app", "--since", "2026-11-02", "--until", "2026-11-01"],
             ["--since must be before --until"],

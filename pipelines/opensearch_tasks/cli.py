@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 
 from opensearch_tasks import options, paths
 from opensearch_tasks.errors import ModelsError, OpenSearchError, RunError, UsageError
-from opensearch_tasks.settings import SECONDS_THRESHOLD
+from opensearch_tasks.settings import MAX_EPOCH_MS, SECONDS_THRESHOLD
 from opensearch_tasks.targets import TargetError
 
 logger = logging.getLogger("opensearch_tasks")
@@ -32,7 +32,22 @@ _RELATIVE = re.compile(r"^(\d+)\s*([dhm])$")
 
 def parse_time(text: str, option: str) -> int:
     """``2026-11-01``, ``2026-11-01T12:00:00Z``, epoch ms, or relative ``7d`` / ``24h`` / ``30m`` -> epoch ms (UTC)."""
-    value = text.strip()
+    try:
+        ms = _epoch_ms_of(text.strip())
+    except (OverflowError, ValueError):  # e.g. 9999999d: before year 1
+        ms = None
+    if ms is None:
+        raise UsageError(
+            f"{option}: cannot parse {text!r}; use 2026-11-01, 2026-11-01T12:00:00Z, epoch ms, or 7d/24h"
+        )
+    if not 0 < ms <= MAX_EPOCH_MS:
+        raise UsageError(
+            f"{option} {text!r}: outside the years 1970 to 9999, which the API's times cover"
+        )
+    return ms
+
+
+def _epoch_ms_of(value: str) -> int | None:
     if value.isdigit():
         number = int(value)
         return number * 1000 if number < SECONDS_THRESHOLD else number
@@ -48,9 +63,7 @@ def parse_time(text: str, option: str) -> int:
     try:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
-        raise UsageError(
-            f"{option}: cannot parse {text!r}; use 2026-11-01, 2026-11-01T12:00:00Z, epoch ms, or 7d/24h"
-        ) from None
+        return None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
     return int(parsed.timestamp() * 1000)
@@ -183,8 +196,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = RunConfig.from_settings(
         given(args, "run"),
-        since_ms=parse_time(args.since, "--since") if args.since else None,
-        until_ms=parse_time(args.until, "--until") if args.until else None,
+        since_ms=parse_time(args.since, "--since") if args.since is not None else None,
+        until_ms=parse_time(args.until, "--until") if args.until is not None else None,
         full_refresh=args.full_refresh,
         build_models=not args.no_models,
     )

@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 from dlt.common.normalizers.naming.snake_case import NamingConvention
 
 from opensearch_tasks.arrow_ready import ensure_arrow_ready
-from opensearch_tasks.settings import EXTEND_INFO_PREFIX, SECONDS_THRESHOLD
+from opensearch_tasks.settings import EXTEND_INFO_PREFIX, MAX_EPOCH_MS, SECONDS_THRESHOLD
 
 _NAMING = NamingConvention()
 
@@ -123,12 +123,9 @@ def to_epoch_ms(value: Any) -> tuple[int | None, bool]:
         return None, False
     if number < SECONDS_THRESHOLD:
         return number * 1000, True
-    if number > _MAX_EPOCH_MS:
+    if number > MAX_EPOCH_MS:
         raise ValueError(f"{value!r} is past the year 9999")
     return number, False
-
-
-_MAX_EPOCH_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z: later values are not times
 
 
 # prefix column -> raw key -> flattened column name; names are few, so this stays tiny.
@@ -325,7 +322,7 @@ def _epoch_ms(
 ) -> tuple[list[int | None], list[bool]]:
     if values and _only(values, int):  # ``to_epoch_ms`` per value, when no value is in seconds
         timed = [v for v in values if v > 0] if min(values) <= 0 else values
-        if not timed or (min(timed) >= SECONDS_THRESHOLD and max(timed) <= _MAX_EPOCH_MS):
+        if not timed or (min(timed) >= SECONDS_THRESHOLD and max(timed) <= MAX_EPOCH_MS):
             converted = values if timed is values else [v if v > 0 else None for v in values]
             return converted, [False] * len(values)
     try:

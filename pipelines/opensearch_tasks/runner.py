@@ -131,6 +131,11 @@ class RunConfig:
             raise UsageError("--destination parquet needs --parquet-dir DIR (or s3://BUCKET/PREFIX)")
         if self.since_ms is not None and self.until_ms is not None and self.since_ms >= self.until_ms:
             raise UsageError("--since must be before --until")
+        if self.full_refresh and (self.since_ms is not None or self.until_ms is not None):
+            raise UsageError(
+                "--full-refresh drops the loaded table, and a backfill (--since/--until) reloads "
+                "only its window: run --full-refresh on its own, then the backfill"
+            )
         if self.account and not self.targets:
             raise UsageError(
                 f"account {self.account!r} has no targets: set {options.account_key(self.account, 'targets')} "

@@ -54,6 +54,7 @@ DEFAULT_STALE_AFTER_HOURS = 7 * 24
 
 # Epoch values below this are seconds, not milliseconds (1e11 ms is 1973; 1e11 s is year 5138).
 SECONDS_THRESHOLD = 100_000_000_000
+MAX_EPOCH_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z: later values are not times
 
 # Collector thresholds for a process that reads and loads (a first threshold well above CPython's
 # default): reading holds a page of parsed tasks per thread, thousands of young dicts that reference
