@@ -30,6 +30,7 @@ from __future__ import annotations
 import gc
 import multiprocessing
 import os
+import re
 import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -427,3 +428,43 @@ def test_control_the_same_kill_with_staging_dedup_skipped_leaves_every_task_twic
     _load_in_child(tmp_path, emu)
     rows = duckdb_rows(str(tmp_path / "embedded.duckdb"))
     assert len(rows) == 2 * len(emu.truth()) and _duplicates(rows) == len(emu.truth())
+
+
+# -- 5. arguments from a caller's code ------------------------------------------------------------
+def test_numbers_given_as_text_are_used_as_the_numbers_they_name(
+    emu: Any, tmp_path: Path, project: Path
+) -> None:
+    """``page_size="5"`` passed the check and then failed every instance inside the run ("'>' not
+    supported"), and ``stale_after_hours="5"`` became "5" repeated 3,600,000 times."""
+    _run_embedded(
+        tmp_path,
+        emu,
+        page_size="5",
+        max_page_size="7",
+        workers="2",
+        stale_after_hours="5",
+        lookback_hours="1",
+    )
+
+
+@pytest.mark.parametrize(
+    ("argument", "value", "needle"),
+    [
+        ("targets", [1, 2], "expected a list of strings"),
+        ("targets", 5, "expected a list of strings"),
+        ("page_size", "abc", "sources.opensearch_tasks.page_size"),
+        ("since_ms", "7d", "since_ms must be epoch milliseconds"),
+        ("access_key_secret", 123456, "access_key_secret must be a string, got a int"),
+        ("write_disposition", "replace", "write_disposition must be 'merge' or 'append'"),
+    ],
+)
+def test_a_wrong_argument_fails_when_the_source_is_made_naming_it(
+    emu: Any, project: Path, argument: str, value: Any, needle: str
+) -> None:
+    from opensearch_tasks.errors import UsageError
+
+    requests = emu.request_count
+    with pytest.raises(UsageError, match=re.escape(needle)) as raised:
+        opensearch_tasks(**{**_source_args(emu), argument: value})
+    assert "123456" not in str(raised.value)
+    assert emu.request_count == requests

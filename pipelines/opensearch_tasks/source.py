@@ -32,11 +32,12 @@ from opensearch_tasks.concurrency import (
     read_in_processes,
     read_in_threads,
 )
+from opensearch_tasks.errors import UsageError
 from opensearch_tasks.flow import FlowControl
 from opensearch_tasks.helpers import InstanceReport, ReadOptions, discover_all
 from opensearch_tasks.options import default
 from opensearch_tasks.records import ColumnKinds, Target
-from opensearch_tasks.settings import PRIMARY_KEY, TABLE_NAME
+from opensearch_tasks.settings import MAX_EPOCH_MS, PRIMARY_KEY, TABLE_NAME
 from opensearch_tasks.targets import TargetSpec, parse_targets
 
 logger = logging.getLogger(__name__)
@@ -120,19 +121,39 @@ def opensearch_tasks(
     Returns:
         The ``function_tasks`` resource.
     """
-    for name, value in (
-        ("page_size", page_size),
-        ("max_page_size", max_page_size),
-        ("workers", workers),
-        ("processes", processes),
-        ("stale_after_hours", stale_after_hours),
-        ("lookback_hours", lookback_hours),
-        ("stale_check_hours", stale_check_hours),
-        ("max_attempts", max_attempts),
-        ("max_requests_per_second", max_requests_per_second),
-        ("read_timeout_ms", read_timeout_ms),
-    ):  # the same ranges as the command's, with the key to fix named
-        options.BY_NAME[name].validate(value, options.BY_NAME[name].key)
+    # The same ranges and types as the command's, with the key to fix named; the checked values
+    # are the ones used ("50" from a caller's code becomes 50, "abc" a UsageError).
+    checked = {
+        name: options.BY_NAME[name].validate(value, options.BY_NAME[name].key)
+        for name, value in (
+            ("targets", targets),
+            ("endpoint", endpoint),
+            ("region", region),
+            ("page_size", page_size),
+            ("max_page_size", max_page_size),
+            ("workers", workers),
+            ("processes", processes),
+            ("stale_after_hours", stale_after_hours),
+            ("lookback_hours", lookback_hours),
+            ("stale_check_hours", stale_check_hours),
+            ("max_attempts", max_attempts),
+            ("max_requests_per_second", max_requests_per_second),
+            ("read_timeout_ms", read_timeout_ms),
+        )
+    }
+    targets, endpoint, region = checked["targets"], checked["endpoint"], checked["region"]
+    page_size, max_page_size = checked["page_size"], checked["max_page_size"]
+    workers, processes = checked["workers"], checked["processes"]
+    stale_after_hours, lookback_hours = checked["stale_after_hours"], checked["lookback_hours"]
+    stale_check_hours, max_attempts = checked["stale_check_hours"], checked["max_attempts"]
+    max_requests_per_second = checked["max_requests_per_second"]
+    read_timeout_ms = checked["read_timeout_ms"]
+    _check_window(since_ms, until_ms)
+    _check_secrets(
+        access_key_id=access_key_id, access_key_secret=access_key_secret, security_token=security_token
+    )
+    if write_disposition not in ("merge", "append"):
+        raise UsageError(f"write_disposition must be 'merge' or 'append', got {write_disposition!r}")
     specs = parse_targets(targets)  # a bad target fails before any network or credentials
     client = OpenSearchClient(
         Credentials(access_key_id, access_key_secret, security_token),
@@ -162,6 +183,24 @@ def opensearch_tasks(
     # dlt's staging dedup stays on: a load killed mid-way and resumed must not leave a task twice.
     resource.apply_hints(write_disposition=write_disposition)  # type: ignore[arg-type]
     return resource
+
+
+def _check_window(since_ms: Any, until_ms: Any) -> None:
+    """A backfill window in epoch milliseconds, as whole numbers in the API's range."""
+    for name, value in (("since_ms", since_ms), ("until_ms", until_ms)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_EPOCH_MS:
+            raise UsageError(f"{name} must be epoch milliseconds (a whole number), got {value!r}")
+    if since_ms is not None and until_ms is not None and since_ms >= until_ms:
+        raise UsageError("since_ms must be before until_ms")
+
+
+def _check_secrets(**values: Any) -> None:
+    """Keys are text; the value itself is never shown."""
+    for name, value in values.items():
+        if value is not None and not isinstance(value, str):
+            raise UsageError(f"{name} must be a string, got a {type(value).__name__}")
 
 
 # dlt's extract costs the loader a fixed amount of CPU per Arrow table whatever its size (hints
