@@ -319,3 +319,26 @@ def test_report_html_never_replaces_what_is_not_an_html_report(emu, tmp_path, ca
         done = run_cli([*report, str(target)], capsys)
         assert done.code == 0, done.err
         assert "<html" in target.read_text() and "old" not in target.read_text()
+
+
+def test_sql_runs_queries_only_and_writes_no_file(emu, tmp_path, capsys, monkeypatch):
+    """The file is opened read-only, yet COPY, EXPORT and INSTALL wrote files: refused before they
+    run. An empty query is refused too (it printed "ok")."""
+    credentials_env(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # where INSTALL would put an extension
+    assert run_cli([a for a in run_args(emu, tmp_path) if a != "--no-models"], capsys).code == 0
+    before = sorted(p.name for p in tmp_path.iterdir())
+    sql = ["sql", "--duckdb-path", str(tmp_path / "tasks.duckdb")]
+    for query, needle in [
+        ("copy (select 1) to 'out.csv'", "got COPY"),
+        ("export database 'exported'", "got EXPORT"),
+        ("install httpfs", "got LOAD"),
+        ("select 1; copy (select 1) to 'out.csv'", "got COPY"),
+        ("pragma enable_profiling", "got PRAGMA"),
+        ("   ", "got no statement"),
+    ]:
+        one_line(run_cli([*sql, query], capsys), 2, "sql runs read-only queries", needle)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    done = run_cli([*sql, "select count(*) as tasks from analytics.stg_function_tasks"], capsys)
+    assert done.code == 0 and str(len(emu.truth())) in done.out, done.out

@@ -234,15 +234,29 @@ def format_alerts(alerts: Sequence[Alert]) -> str:
     return f"{len(alerts)} training alert(s)\n\n" + "\n".join(lines)
 
 
+_QUERY_STATEMENTS = frozenset({duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN})
+
+
 def print_query(con: duckdb.DuckDBPyConnection, query: str, max_rows: int = 100) -> None:
     """One query's result as DuckDB's own box table (``opensearch-tasks sql``): as wide as the
-    terminal, or every column when the output goes to a file or a pipe."""
+    terminal, or every column when the output goes to a file or a pipe.
+
+    Only queries run: the file is opened read-only, but COPY, EXPORT, INSTALL or a profiling
+    PRAGMA would still write files, so any other statement is refused before it runs."""
     try:
+        statements = con.extract_statements(query)
+        refused = [s.type.name for s in statements if s.type not in _QUERY_STATEMENTS]
+        if not statements or refused:
+            got = f"got {', '.join(refused)}" if refused else "got no statement"
+            raise UsageError(
+                "sql runs read-only queries (SELECT, WITH, FROM, DESCRIBE, SHOW, SUMMARIZE, "
+                f"EXPLAIN); {got}"
+            )
         relation = con.sql(query)
     except duckdb.Error as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UsageError(f"the query failed: {first}") from None
-    if relation is None:  # a statement without a result (e.g. SET)
+    if relation is None:  # nothing to show (a query ending in an empty statement)
         print("ok")
         return
     width = shutil.get_terminal_size().columns if sys.stdout.isatty() else 100_000
