@@ -342,3 +342,25 @@ def test_sql_runs_queries_only_and_writes_no_file(emu, tmp_path, capsys, monkeyp
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     done = run_cli([*sql, "select count(*) as tasks from analytics.stg_function_tasks"], capsys)
     assert done.code == 0 and str(len(emu.truth())) in done.out, done.out
+
+
+def test_destination_parquet_from_the_environment_is_what_report_and_sql_read(
+    emu, tmp_path, capsys, monkeypatch
+):
+    """report and sql looked for data/opensearch.duckdb whatever the configured destination; and
+    models over Parquet refused to make its own default file's folder."""
+    credentials_env(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SOURCES__OPENSEARCH_TASKS__DESTINATION", "parquet")
+    monkeypatch.setenv("SOURCES__OPENSEARCH_TASKS__PARQUET_DIR", str(tmp_path / "lake"))
+    load = ["run", "--endpoint", emu.url, "--pipelines-dir", str(tmp_path / "dlt"), "--no-models"]
+    for target in sorted({t[0] for t in emu.targets()}):
+        load += ["--target", target]
+    assert run_cli(load, capsys).code == 0
+    assert not (tmp_path / "data").exists()
+    done = run_cli(["models"], capsys)
+    assert done.code == 0, done.err
+    assert (tmp_path / "data" / "opensearch_parquet.duckdb").is_file()
+    done = run_cli(["sql", "select count(*) as tasks from analytics.stg_function_tasks"], capsys)
+    assert done.code == 0 and str(len(emu.truth())) in done.out, done.err
+    assert run_cli(["report"], capsys).code == 0

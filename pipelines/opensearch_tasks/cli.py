@@ -249,7 +249,8 @@ def _build_models(args: argparse.Namespace, command: str) -> tuple[str, list[str
         if not parquet_dir:
             raise UsageError("--destination parquet needs --parquet-dir DIR (or s3://BUCKET/PREFIX)")
         duckdb_path = settings["duckdb_path"] or options.DEFAULT_PARQUET_MODELS_PATH
-        paths.require_folder(duckdb_path, "--duckdb-path")
+        paths.ensure_database_file(duckdb_path)  # the views' own file: made here if need be
+        paths.ensure_writable_dir(Path(duckdb_path).expanduser().resolve().parent, "--duckdb-path")
         if not paths.is_remote(parquet_dir):
             paths.require_folder(Path(parquet_dir) / "x", "--parquet-dir")
     else:
@@ -310,8 +311,15 @@ def cmd_alerts(args: argparse.Namespace) -> int:
 
 def _models_connection(args: argparse.Namespace, command: str) -> Any:
     """A read-only connection to an existing models file (never creates one)."""
-    settings = options.resolve(given(args, command), ["duckdb_path"])
-    path = paths.require_database(settings["duckdb_path"] or options.DEFAULT_DUCKDB_PATH)
+    # The models file is the loader's: with destination = "parquet" in the environment or the
+    # .dlt files, that is the models file beside the Parquet data, not the DuckDB destination.
+    settings = options.resolve(given(args, command), ["duckdb_path", "destination"])
+    default = (
+        options.DEFAULT_PARQUET_MODELS_PATH
+        if settings["destination"] == "parquet"
+        else options.DEFAULT_DUCKDB_PATH
+    )
+    path = paths.require_database(settings["duckdb_path"] or default)
     from opensearch_tasks.models import connect_models
     from opensearch_tasks.storage import filesystem_for, parquet_url_of_models
 
