@@ -60,6 +60,8 @@ def one_line(done: CliResult, code: int, *needles: str) -> str:
         (["--target", "app", "--since", "2026-13-45"], ["--since: cannot parse '2026-13-45'", "7d/24h"]),
         (["--target", "app", "--since", "3w"], ["--since: cannot parse '3w'"]),
         (["--target", "app", "--until", "soon"], ["--until: cannot parse 'soon'"]),
+        (["--target", "app", "--pipeline-name", "/../../escaped"], ["--pipeline-name must be letters"]),
+        (["--target", "app", "--pipeline-name", "a/b"], ["--pipeline-name must be letters", "'a/b'"]),
         (["--target", "app", "--since", ""], ["--since: cannot parse ''"]),
         (["--target", "app", "--since", "9999999d"], ["--since: cannot parse '9999999d'"]),
         (["--target", "app", "--since", "99999d"], ["--since '99999d': outside the years 1970 to 9999"]),

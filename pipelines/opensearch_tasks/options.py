@@ -45,6 +45,7 @@ ENV_PREFIX = "SOURCES__OPENSEARCH_TASKS__"
 DEFAULT_DUCKDB_PATH = "data/opensearch.duckdb"
 DEFAULT_PARQUET_MODELS_PATH = "data/opensearch_parquet.duckdb"  # the model views over Parquet
 ACCOUNT_NAME = re.compile(r"[a-z][a-z0-9_]{0,62}")
+PIPELINE_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
 def _integer(value: Any) -> int:
@@ -309,7 +310,17 @@ OPTIONS: tuple[Option, ...] = (
         commands=("run", "models", "alerts"),
     ),
     Option(
-        "pipeline_name", _text, PIPELINE_NAME, "dlt pipeline name (one per target set)", source=False
+        "pipeline_name",
+        _text,
+        PIPELINE_NAME,
+        "dlt pipeline name (one per target set)",
+        check=lambda name: (
+            None
+            if PIPELINE_NAME_PATTERN.fullmatch(name)
+            else "must be letters, digits, '_', '-' or '.', starting with a letter or digit "
+            "(it names a folder)"
+        ),
+        source=False,
     ),
     Option(
         "pipelines_dir",
