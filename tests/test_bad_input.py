@@ -366,3 +366,29 @@ def test_destination_parquet_from_the_environment_is_what_report_and_sql_read(
     done = run_cli(["sql", "select count(*) as tasks from analytics.stg_function_tasks"], capsys)
     assert done.code == 0 and str(len(emu.truth())) in done.out, done.err
     assert run_cli(["report"], capsys).code == 0
+
+
+def test_a_setting_that_names_nothing_is_warned_about_with_a_suggestion(tmp_path, capsys, monkeypatch):
+    """dlt ignores keys it does not ask for, so a typo silently did nothing."""
+    credentials_env(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".dlt").mkdir()
+    (tmp_path / ".dlt" / "config.toml").write_text(
+        "[sources.opensearch_tasks]\npage_sise = 5\npage_size = 50\n"
+        "[sources.opensearch_tasks.acounts.prod]\ntargets = ['x']\n"
+        "[sources.opensearch_tasks.accounts.prod]\ntargts = ['x']\n"
+    )
+    monkeypatch.setenv("SOURCES__OPENSEARCH_TASKS__WORKRS", "3")
+    monkeypatch.setenv("SOURCES__OPENSEARCH_TASKS__ACCOUNTS__PROD__REGION", "cn-beijing")  # known
+    done = run_cli(["run", "--target", "app", "--page-size", "0"], capsys)
+    warnings = sorted(line for line in done.err.splitlines() if line.startswith("warning: "))
+    assert warnings == [
+        "warning: SOURCES__OPENSEARCH_TASKS__WORKRS in the environment names no setting and is "
+        "ignored (did you mean workers?)",
+        "warning: sources.opensearch_tasks.accounts.prod.targts in .dlt/config.toml names no setting "
+        "and is ignored (did you mean targets?)",
+        "warning: sources.opensearch_tasks.acounts in .dlt/config.toml names no setting and is "
+        "ignored (did you mean accounts?)",
+        "warning: sources.opensearch_tasks.page_sise in .dlt/config.toml names no setting and is "
+        "ignored (did you mean page_size?)",
+    ], done.err

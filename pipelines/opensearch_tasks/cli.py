@@ -387,6 +387,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     configure_logging(args.debug)
     try:
+        if args.command != "emulator":
+            for message in options.unknown_settings():
+                print(f"warning: {message}", file=sys.stderr)
         return COMMANDS[args.command](args)
     except (UsageError, TargetError) as error:
         return _fail(args, f"error: {error}", 2)

@@ -19,6 +19,7 @@ without importing dlt (a slow import); a test checks that both lookups agree.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import math
@@ -395,6 +396,45 @@ def _table(node: Any, parts: Iterable[str]) -> Mapping[str, Any]:
     for part in parts:
         node = node.get(part, {}) if isinstance(node, dict) else {}
     return node if isinstance(node, dict) else {}
+
+
+# Arguments of the dlt source that dlt may also fill from its configuration, beside the options.
+_SOURCE_ONLY_KEYS = frozenset({"since_ms", "until_ms", "write_disposition"})
+
+
+def unknown_settings(environ: Mapping[str, str] | None = None) -> list[str]:
+    """Keys of ``[sources.opensearch_tasks]`` (and of its account blocks) in the settings files,
+    and ``SOURCES__OPENSEARCH_TASKS__*`` variables, that name no setting, each with a suggestion.
+    Why: dlt ignores what it does not ask for, so a typo (``page_sise``) silently did nothing."""
+    environ = os.environ if environ is None else environ
+    known = set(BY_NAME) | _SOURCE_ONLY_KEYS
+    found: list[tuple[str, str, Iterable[str]]] = []  # (name, where, names it could have meant)
+    for path in settings_files(environ):
+        for key, value in _section_of(path).items():
+            if key == "accounts" and isinstance(value, dict):
+                for account, block in value.items():
+                    for name in block if isinstance(block, dict) else ():
+                        if name not in ACCOUNT_OPTIONS:
+                            found.append((account_key(account, name), str(path), ACCOUNT_OPTIONS))
+            elif key not in known:
+                found.append((".".join((*SECTION, key)), str(path), known | {"accounts"}))
+    for variable in environ:
+        if not variable.startswith(ENV_PREFIX):
+            continue
+        rest = variable[len(ENV_PREFIX) :].lower()
+        if rest.startswith("accounts__"):
+            parts = rest.split("__")
+            if len(parts) != 3 or parts[2] not in ACCOUNT_OPTIONS:
+                found.append((variable, "the environment", ACCOUNT_OPTIONS))
+        elif rest not in known:
+            found.append((variable, "the environment", known))
+    messages = []
+    for name, where, choices in found:
+        last = name.rsplit(".", 1)[-1].rsplit("__", 1)[-1].lower()
+        close = difflib.get_close_matches(last, sorted(choices), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        messages.append(f"{name} in {where} names no setting and is ignored{hint}")
+    return messages
 
 
 def account_env_var(account: str, name: str) -> str:
