@@ -102,6 +102,7 @@ def one_line(done: CliResult, code: int, *needles: str) -> str:
             ["--destination must be one of duckdb, parquet, got 'sqlite'"],
         ),
         (["--target", "app", "--destination", "parquet"], ["--destination parquet needs --parquet-dir"]),
+        (["--target", "app", "--parquet-dir", "lake"], ["--parquet-dir is for --destination parquet"]),
         (["--target", "app", "--bogus"], ["unrecognized arguments: --bogus"]),
     ],
 )
@@ -122,6 +123,8 @@ def test_usage_errors(tmp_path, capsys, monkeypatch, argv, needles):
         ("--endpoint", "https://opensearch.cn-hangzhou.aliyuncs.com/v4", "(no path)"),
         ("--endpoint", "http://", "invalid endpoint 'http://'"),
         ("--region", "cn hangzhou", "invalid region 'cn hangzhou'"),
+        ("--region", "5", "invalid region '5'"),
+        ("--endpoint", "5", "invalid endpoint '5'"),
     ],
 )
 def test_an_invalid_endpoint_or_region_is_refused_before_any_request(

@@ -709,6 +709,16 @@ def test_targets_come_from_secrets_toml_and_the_environment_wins(
         ),
         (
             {},
+            {"ALERTS__WEBHOOK__URL": f"https://me:{HOOK_TOKEN}@example.com/hooks"},
+            "ALERTS__WEBHOOK__URL: a user name or password in the URL is not supported",
+        ),
+        (
+            {},
+            {"ALERTS__WEBHOOK__URL": f"https://example.com:99999/{HOOK_TOKEN}"},
+            r"ALERTS__WEBHOOK__URL: not a valid URL \(its host or port\)",
+        ),
+        (
+            {},
             {"ALERTS__DINGTALK__WEBHOOK": f"https://oapi.dingtalk.com/robot/send?{DT_TOKEN}"},
             "ALERTS__DINGTALK__WEBHOOK: expected the robot's webhook",
         ),

@@ -201,6 +201,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         full_refresh=args.full_refresh,
         build_models=not args.no_models,
     )
+    _check_parquet_flag(args, config.destination)
     from opensearch_tasks.concurrency import default_processes
 
     if config.processes is None:  # the command may fork reading processes (a library call: threads)
@@ -232,6 +233,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_parquet_flag(args: argparse.Namespace, destination: str) -> None:
+    """``--parquet-dir`` given while the destination is DuckDB was silently ignored."""
+    if getattr(args, "parquet_dir", None) is not None and destination != "parquet":
+        raise UsageError(
+            f"--parquet-dir is for --destination parquet, and the destination is {destination}: "
+            "add --destination parquet (or drop --parquet-dir)"
+        )
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     duckdb_path, built = _build_models(args, "models")
     print(f"built {len(built)} models in {duckdb_path}: {', '.join(built)}")
@@ -245,6 +255,7 @@ def _build_models(args: argparse.Namespace, command: str) -> tuple[str, list[str
     rules = AlertRules.from_settings()  # a bad [alerts] section fails before anything is written
     settings = options.resolve(given(args, command), [o.name for o in options.for_command(command)])
     destination, parquet_dir = settings["destination"], settings["parquet_dir"]
+    _check_parquet_flag(args, destination)
     if destination == "parquet":
         if not parquet_dir:
             raise UsageError("--destination parquet needs --parquet-dir DIR (or s3://BUCKET/PREFIX)")

@@ -144,7 +144,7 @@ class RetryPolicy:
 
 
 _HOST_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
-_REGION = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
+_REGION = re.compile(r"[a-z]+(?:-[a-z0-9]+)+")
 
 
 def resolve_endpoint(endpoint: str | None, region: str | None) -> tuple[str, str]:
@@ -188,7 +188,11 @@ def _is_host(host: str) -> bool:
         return True
     except ValueError:
         labels = host.rstrip(".").split(".")
-        return len(host) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in labels)
+        return (
+            len(host) <= 253
+            and all(_HOST_LABEL.fullmatch(label) for label in labels)
+            and not labels[-1].isdigit()  # "5" or "10.1.2" is no name, and no address either
+        )
 
 
 def segment(name: str) -> str:

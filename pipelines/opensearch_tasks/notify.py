@@ -195,10 +195,13 @@ def _check_url(name: str, url: str, where: str) -> None:
     try:
         parts = urlsplit(url)
         host = parts.hostname or ""
+        parts.port  # noqa: B018 (raises on a port that is not a number in 0..65535)
     except ValueError:
-        raise UsageError(f"{where}: not a valid URL") from None
+        raise UsageError(f"{where}: not a valid URL (its host or port)") from None
     if any(char.isspace() or ord(char) < 32 for char in url) or not host:
         raise UsageError(f"{where}: expected an absolute https:// URL")
+    if parts.username is not None:  # the request library refuses it; say so before any send
+        raise UsageError(f"{where}: a user name or password in the URL is not supported")
     if parts.scheme != "https" and not (parts.scheme == "http" and host in _LOOPBACK):
         raise UsageError(f"{where}: expected an https:// URL (plain http only to 127.0.0.1)")
     if name == "dingtalk" and not dict(parse_qsl(parts.query)).get("access_token"):
