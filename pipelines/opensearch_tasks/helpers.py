@@ -306,7 +306,7 @@ def read_instance(
                 f"page {page_number} holds no tasks while the server counts {paging.last_total}; "
                 "this instance keeps its cursor and is read again on the next run"
             )
-        page = read_page(items, target)
+        page = read_page(items)
         skipped_before = report.duplicates_skipped
         batch.add_page(page, selection.keep(page))
         if not report.seconds_unit and any(page.seconds):
@@ -381,7 +381,7 @@ def check_stale_tasks(
                 continue
             raise
         item = pick(body, "result", "Result")
-        page = read_page([item], target) if isinstance(item, dict) else None
+        page = read_page([item]) if isinstance(item, dict) else None
         if page is None or page.run_id[0] != run_id:  # the generation now names another task
             update.stale_checked[run_id] = None
         elif is_open(page.status[0]):

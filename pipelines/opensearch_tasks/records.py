@@ -97,7 +97,7 @@ def result_items(body: Mapping[str, Any]) -> list[dict[str, Any]]:
     if items is None:
         return []
     if not isinstance(items, list):
-        raise ValueError(f"expected 'result' to be a list, got {type(items).__name__}")
+        raise RecordError(f"the answer's result is a {type(items).__name__}, not a list of tasks")
     return items
 
 
@@ -318,7 +318,7 @@ def _only(values: list[Any], *types: type) -> bool:
 
 
 def _epoch_ms(
-    values: list[Any], field_name: str, run_ids: list[Any], target: Target
+    values: list[Any], field_name: str, run_ids: list[Any]
 ) -> tuple[list[int | None], list[bool]]:
     if values and _only(values, int):  # ``to_epoch_ms`` per value, when no value is in seconds
         timed = [v for v in values if v > 0] if min(values) <= 0 else values
@@ -333,7 +333,7 @@ def _epoch_ms(
                 to_epoch_ms(value)
             except (TypeError, ValueError, OverflowError):
                 raise RecordError(
-                    f"{target}: task {run_id!r} has {field_name} {value!r}, not an epoch number; "
+                    f"task {run_id!r} has {field_name} {value!r}, not an epoch number; "
                     "the API sent something this connector cannot read (report it with the request id)"
                 ) from None
         raise
@@ -353,13 +353,11 @@ def _progress(value: Any) -> int | None:
     return int(number) if -(2**63) <= number < 2**63 else None  # also refuses nan and inf
 
 
-def read_page(items: list[dict[str, Any]], target: Target) -> PageColumns:
+def read_page(items: list[dict[str, Any]]) -> PageColumns:
     """Raw ``result`` items -> columns. Raises ``RecordError`` for an item without a usable key."""
     for item in items:
         if not isinstance(item, dict):
-            raise RecordError(
-                f"{target}: a task that is not a JSON object: {orjson.dumps(item)[:200]!r}"
-            )
+            raise RecordError(f"a task that is not a JSON object: {orjson.dumps(item)[:200]!r}")
     run_ids = _column(items, "runId", "RunId")
     generations = _column(items, "generation", "Generation")
     if None in run_ids or "" in run_ids:
@@ -368,13 +366,12 @@ def read_page(items: list[dict[str, Any]], target: Target) -> PageColumns:
             if run_id in (None, ""):
                 if generation in (None, ""):
                     raise RecordError(
-                        f"{target}: a task with neither runId nor generation: "
-                        f"{orjson.dumps(items[index])[:200]!r}"
+                        f"a task with neither runId nor generation: {orjson.dumps(items[index])[:200]!r}"
                     )
                 run_ids[index] = f"generation:{generation}"
     statuses = _statuses(_column(items, "status", "Status"))
-    starts, start_s = _epoch_ms(_column(items, "startTime", "StartTime"), "startTime", run_ids, target)
-    ends, end_s = _epoch_ms(_column(items, "endTime", "EndTime"), "endTime", run_ids, target)
+    starts, start_s = _epoch_ms(_column(items, "startTime", "StartTime"), "startTime", run_ids)
+    ends, end_s = _epoch_ms(_column(items, "endTime", "EndTime"), "endTime", run_ids)
     if "running" in statuses:
         ends = [None if st == "running" else e for e, st in zip(ends, statuses, strict=True)]
     progress = _column(items, "progress", "Progress")
@@ -578,7 +575,7 @@ def records_to_table(
     items: list[dict[str, Any]], target: Target, fetched_at_us: int, kinds: ColumnKinds
 ) -> pa.Table:
     """Raw tasks -> one Arrow table, every item kept (tests and one-off use)."""
-    page = read_page(items, target)
+    page = read_page(items)
     batch = TaskBatch(kinds, target, fetched_at_us)
     batch.add_page(page, list(range(len(page))))
     return batch.to_arrow()
