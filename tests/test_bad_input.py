@@ -395,3 +395,15 @@ def test_a_setting_that_names_nothing_is_warned_about_with_a_suggestion(tmp_path
         "warning: sources.opensearch_tasks.page_sise in .dlt/config.toml names no setting and is "
         "ignored (did you mean page_size?)",
     ], done.err
+
+
+def test_a_refused_path_leaves_no_folder_behind(tmp_path, capsys, monkeypatch):
+    """--pipelines-dir on a file was refused only after the DuckDB file's folder had been made."""
+    monkeypatch.chdir(tmp_path)
+    credentials_env(monkeypatch)
+    a_file = tmp_path / "plain-file"
+    a_file.write_text("not a folder")
+    argv = ["run", "--target", "app", *NO_NETWORK, "--duckdb-path", str(tmp_path / "new" / "t.duckdb")]
+    done = run_cli([*argv, "--pipelines-dir", str(a_file / "dlt")], capsys)
+    one_line(done, 2, f"--pipelines-dir: cannot create {a_file / 'dlt'}", "is not a folder")
+    assert not (tmp_path / "new").exists()

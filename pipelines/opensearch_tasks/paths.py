@@ -60,6 +60,15 @@ def require_html_target(path: str, option: str = "--html") -> None:
     require_folder(target, option)
 
 
+def check_creatable(directory: Path, option: str) -> None:
+    """What ``ensure_writable_dir`` would refuse for want of a folder, found without making one."""
+    existing = directory
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{option}: cannot create {directory}: {existing} is not a folder")
+
+
 def ensure_writable_dir(directory: Path, option: str) -> None:
     """Create a folder a run writes into (``run`` may), or fail in one line naming the option."""
     try:

@@ -35,6 +35,7 @@ from opensearch_tasks.errors import RunError, UsageError
 from opensearch_tasks.models import duckdb_table_exists, quote_identifier
 from opensearch_tasks.options import DEFAULT_DUCKDB_PATH, DEFAULT_PARQUET_MODELS_PATH, default
 from opensearch_tasks.paths import (
+    check_creatable,
     duckdb_locked_message,
     ensure_database_file,
     ensure_writable_dir,
@@ -361,17 +362,23 @@ def remove_duplicate_rows(duckdb_path: str, memory_limit: str = "128MB") -> int:
 
 
 def check_paths(config: RunConfig) -> None:
-    """Unwritable places fail first, in one line naming the option (not after a whole extraction)."""
+    """Unwritable places fail first, in one line naming the option (not after a whole extraction);
+    every place is checked before any folder is made, so a refused run leaves nothing behind."""
+    folders: list[tuple[Path, str]] = []
     if config.destination == "duckdb":
         ensure_database_file(config.duckdb_path)
-        ensure_writable_dir(Path(config.duckdb_path).resolve().parent, "--duckdb-path")
+        folders.append((Path(config.duckdb_path).resolve().parent, "--duckdb-path"))
     else:
         if not config.is_remote:
-            ensure_writable_dir(Path(str(config.parquet_dir)).resolve(), "--parquet-dir")
+            folders.append((Path(str(config.parquet_dir)).resolve(), "--parquet-dir"))
         if config.build_models:
             ensure_database_file(config.models_db())
-            ensure_writable_dir(Path(config.models_db()).resolve().parent, "--duckdb-path")
-    ensure_writable_dir(_pipeline_lock_path(config).parent, "--pipelines-dir")
+            folders.append((Path(config.models_db()).resolve().parent, "--duckdb-path"))
+    folders.append((_pipeline_lock_path(config).parent, "--pipelines-dir"))
+    for folder, option in folders:
+        check_creatable(folder, option)
+    for folder, option in folders:
+        ensure_writable_dir(folder, option)
 
 
 def run(config: RunConfig) -> RunResult:
