@@ -303,8 +303,7 @@ def read_instance(
             # ``result`` empty or null while the page's own count says tasks are here: taking it
             # for the end would move the cursor past them.
             raise ListingError(
-                f"page {page_number} holds no tasks while the server counts {paging.last_total}; "
-                "this instance keeps its cursor and is read again on the next run"
+                f"page {page_number} holds no tasks while the server counts {paging.last_total}"
             )
         page = read_page(items)
         skipped_before = report.duplicates_skipped
