@@ -159,6 +159,8 @@ def test_a_duckdb_path_that_is_a_folder_is_a_usage_error(tmp_path, capsys, monke
     credentials_env(monkeypatch)
     done = run_cli(["run", "--target", "app", *NO_NETWORK, "--duckdb-path", str(tmp_path)], capsys)
     one_line(done, 2, f"--duckdb-path {tmp_path}: is a folder", "opensearch.duckdb")
+    done = run_cli(["run", "--target", "app", *NO_NETWORK, "--duckdb-path", "/dev/null"], capsys)
+    one_line(done, 2, "--duckdb-path /dev/null: not a regular file")
 
 
 def test_no_targets_anywhere(tmp_path, capsys, monkeypatch):

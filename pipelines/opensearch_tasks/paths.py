@@ -80,13 +80,15 @@ def ensure_writable_dir(directory: Path, option: str) -> None:
 
 
 def ensure_database_file(path: str | Path, option: str = "--duckdb-path") -> None:
-    """A DuckDB file a run writes: absent (it is created) or a file, never a folder."""
+    """A DuckDB file a run writes: absent (it is created) or a file, never a folder or a device."""
     file = Path(path).expanduser()
     if file.is_dir():
         raise UsageError(
             f"{option} {path}: is a folder, not a DuckDB file; give a file path, "
             f"e.g. {file / 'opensearch.duckdb'}"
         )
+    if file.exists() and not file.is_file():
+        raise UsageError(f"{option} {path}: not a regular file; give a DuckDB file's path")
 
 
 def duckdb_locked_message(path: str | Path, note: str = "") -> str:
