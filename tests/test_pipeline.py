@@ -714,6 +714,26 @@ def test_keys_that_snake_case_would_merge_get_a_column_each(make_emulator, tmp_p
     assert {column: row[column] for column in ODD_COLUMNS} == ODD_COLUMNS
 
 
+def test_an_end_before_the_start_is_no_duration(make_emulator, tmp_path):
+    """The API's times are kept as sent; a negative duration would skew every duration model."""
+    emu = make_emulator(keys={AK: SECRET}, app_groups=1, functions_per_group=1)
+    (app_group, function, instance), *_ = emu.targets()
+    start = emu.now_ms - 3 * 3_600_000
+    odd = emu.add_task(
+        app_group, function, instance, status="failed", start_ms=start, end_ms=start - 7_200_000
+    )
+    config = config_for(emu, tmp_path, build_models=True)
+    run_ok(config)
+    with duckdb.connect(config.duckdb_path, read_only=True) as con:
+        loaded, staged, negative = con.execute(
+            "select (select duration_seconds from opensearch_tasks.function_tasks where run_id = $1),"
+            " (select duration_seconds from analytics.stg_function_tasks where run_id = $1),"
+            " (select count(*) from analytics.stg_function_tasks where duration_seconds < 0)",
+            [odd["run_id"]],
+        ).fetchone()
+    assert (loaded, staged, negative) == (None, None, 0)
+
+
 def test_repair_after_a_resumed_load_keeps_one_row_per_task(emu, tmp_path):
     """The merge skips dlt's staging dedup; a resumed package is followed by this repair."""
     from opensearch_tasks.runner import remove_duplicate_rows

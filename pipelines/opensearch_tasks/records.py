@@ -493,8 +493,8 @@ class TaskBatch:
         start_ms = pa.array(self.start_ms, type=pa.int64())
         end_ms = pa.array(self.end_ms, type=pa.int64())
         micros = pa.scalar(1000, pa.int64())
-        duration = [
-            (e - s) / 1000 if e is not None and s is not None else None
+        duration = [  # an end before the start (the API's times) is no duration at all
+            (e - s) / 1000 if e is not None and s is not None and e >= s else None
             for s, e in zip(self.start_ms, self.end_ms, strict=True)
         ]
         target = self.target

@@ -79,7 +79,10 @@ typed as (
             cast(end_time_ms as bigint) as end_time_ms,
             coalesce(
                 cast(duration_seconds as double),
-                (cast(end_time_ms as bigint) - cast(start_time_ms as bigint)) / 1000.0
+                case
+                    when cast(end_time_ms as bigint) >= cast(start_time_ms as bigint)
+                        then (cast(end_time_ms as bigint) - cast(start_time_ms as bigint)) / 1000.0
+                end
             ) as duration_seconds,
             -- booleans
             coalesce(cast(is_extend_info_malformed as boolean), false) as is_extend_info_malformed,
