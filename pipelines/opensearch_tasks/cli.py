@@ -260,8 +260,11 @@ def _build_models(args: argparse.Namespace, command: str) -> tuple[str, list[str
         if not parquet_dir:
             raise UsageError("--destination parquet needs --parquet-dir DIR (or s3://BUCKET/PREFIX)")
         duckdb_path = settings["duckdb_path"] or options.DEFAULT_PARQUET_MODELS_PATH
-        paths.ensure_database_file(duckdb_path)  # the views' own file: made here if need be
-        paths.ensure_writable_dir(Path(duckdb_path).expanduser().resolve().parent, "--duckdb-path")
+        paths.ensure_database_file(duckdb_path)
+        if settings["duckdb_path"] is None:  # the default file's folder (data/) is made if need be
+            paths.ensure_writable_dir(Path(duckdb_path).resolve().parent, "--duckdb-path")
+        else:  # a given path's folder is not: a typo must not build one
+            paths.require_folder(duckdb_path, "--duckdb-path")
         if not paths.is_remote(parquet_dir):
             paths.require_folder(Path(parquet_dir) / "x", "--parquet-dir")
     else:
