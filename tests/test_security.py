@@ -36,6 +36,7 @@ from opensearch_tasks.client import (
 )
 from opensearch_tasks.emulator import FaultPlan
 from opensearch_tasks.runner import RunConfig, run
+from opensearch_tasks.targets import TargetError
 
 from tests.cli_helpers import run_cli
 from tests.pipeline_helpers import assert_equals_truth, duckdb_rows
@@ -229,22 +230,30 @@ def test_extend_info_keys_that_look_like_sql_stay_data(make_emulator, tmp_path):
 
 
 def test_dot_segments_are_refused_not_sent(make_emulator, tmp_path):
-    """``%2E%2E`` would be decoded to ``..`` on the way out and name another path: never sent."""
+    """``%2E%2E`` would be decoded to ``..`` on the way out and name another path: never sent. A
+    target naming one is a usage error before any request; an instance of that name found by
+    discovery fails on its own while the others load."""
     emu = make_emulator(app_groups=0, tasks_per_instance=0, keys={"ak": "sk"})
     for target in (("app", "ctr", ".."), ("app", "ctr", "."), ("app", "ctr", "fine")):
         emu.add_instance(*target, tasks=3)
     config = RunConfig(
-        targets=["app/ctr/..", "app/ctr/.", "app/ctr/fine"],
+        targets=["app/ctr/..", "app/ctr/fine"],
         endpoint=emu.url,
         duckdb_path=str(tmp_path / "t.duckdb"),
         pipelines_dir=str(tmp_path / "pipelines"),
         credentials={"access_key_id": "ak", "access_key_secret": "sk"},
         build_models=False,
     )
+    with pytest.raises(TargetError, match=r"invalid target 'app/ctr/\.\.'"):
+        run(config)
+    assert not emu.requests
+    config.targets = ["app/ctr"]  # discovery finds all three
     result = run(config)
     assert sorted(f.split(":")[0] for f in result.report.failures) == ["app/ctr/.", "app/ctr/.."]
     assert all("not usable in a URL path" in f for f in result.report.failures)
-    assert {r.target for r in emu.requests} == {("app", "ctr", "fine")}
+    assert {r.target for r in emu.requests if r.action == "ListFunctionTasks"} == {
+        ("app", "ctr", "fine")
+    }
     assert {r["instance_name"] for r in duckdb_rows(config.duckdb_path)} == {"fine"}
 
 
