@@ -495,7 +495,9 @@ def deliver(
                 f"alerts: {target.name}: delivered, but recording it failed ({type(failed).__name__}: "
                 f"{failed}); the next run will send it again"
             ) from None
-        logger.info("alerts: %s: sent %d firing, %d resolved", target.name, *counts)
+        logger.debug(
+            "alerts: %s: sent %d firing, %d resolved", target.name, *counts
+        )  # summary() says it
         results.append(TargetResult(target.name, *counts, attempts=attempt))
     return DeliveryReport(tuple(results))
 
