@@ -137,6 +137,7 @@ def test_cli_run_without_bucket_credentials_exits_2(no_bucket_keys, tmp_path, mo
     err = capsys.readouterr().err
     assert err.startswith("error: s3://bucket/lake: object storage configuration is missing")
     assert err.strip().count("\n") == 0, err
+    assert not (tmp_path / "dlt").exists(), "a refused run left its lock files behind"
 
 
 def test_oss_settings_reach_s3fs_from_dlt_configuration(monkeypatch):

@@ -365,6 +365,10 @@ def check_paths(config: RunConfig) -> None:
     """Unwritable places fail first, in one line naming the option (not after a whole extraction);
     every place is checked before any folder is made, so a refused run leaves nothing behind."""
     folders: list[tuple[Path, str]] = []
+    if config.is_remote:
+        from opensearch_tasks.storage import filesystem_config
+
+        filesystem_config(str(config.parquet_dir))  # a missing key, in one line, before any lock
     if config.destination == "duckdb":
         ensure_database_file(config.duckdb_path)
         folders.append((Path(config.duckdb_path).resolve().parent, "--duckdb-path"))
