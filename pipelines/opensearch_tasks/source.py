@@ -123,52 +123,42 @@ def opensearch_tasks(
     """
     # The same ranges and types as the command's, with the key to fix named; the checked values
     # are the ones used ("50" from a caller's code becomes 50, "abc" a UsageError).
-    checked = {
-        name: options.BY_NAME[name].validate(value, options.BY_NAME[name].key)
-        for name, value in (
-            ("targets", targets),
-            ("endpoint", endpoint),
-            ("region", region),
-            ("page_size", page_size),
-            ("max_page_size", max_page_size),
-            ("workers", workers),
-            ("processes", processes),
-            ("stale_after_hours", stale_after_hours),
-            ("lookback_hours", lookback_hours),
-            ("stale_check_hours", stale_check_hours),
-            ("max_attempts", max_attempts),
-            ("max_requests_per_second", max_requests_per_second),
-            ("read_timeout_ms", read_timeout_ms),
-        )
-    }
-    targets, endpoint, region = checked["targets"], checked["endpoint"], checked["region"]
-    page_size, max_page_size = checked["page_size"], checked["max_page_size"]
-    workers, processes = checked["workers"], checked["processes"]
-    stale_after_hours, lookback_hours = checked["stale_after_hours"], checked["lookback_hours"]
-    stale_check_hours, max_attempts = checked["stale_check_hours"], checked["max_attempts"]
-    max_requests_per_second = checked["max_requests_per_second"]
-    read_timeout_ms = checked["read_timeout_ms"]
+    arg = _checked(
+        targets=targets,
+        endpoint=endpoint,
+        region=region,
+        page_size=page_size,
+        max_page_size=max_page_size,
+        workers=workers,
+        processes=processes,
+        stale_after_hours=stale_after_hours,
+        lookback_hours=lookback_hours,
+        stale_check_hours=stale_check_hours,
+        max_attempts=max_attempts,
+        max_requests_per_second=max_requests_per_second,
+        read_timeout_ms=read_timeout_ms,
+    )
     _check_window(since_ms, until_ms)
     _check_secrets(
         access_key_id=access_key_id, access_key_secret=access_key_secret, security_token=security_token
     )
     if write_disposition not in ("merge", "append"):
         raise UsageError(f"write_disposition must be 'merge' or 'append', got {write_disposition!r}")
-    specs = parse_targets(targets)  # a bad target fails before any network or credentials
+    specs = parse_targets(arg["targets"])  # a bad target fails before any network or credentials
     client = OpenSearchClient(
         Credentials(access_key_id, access_key_secret, security_token),
-        endpoint=endpoint,
-        region=region,
-        retry=RetryPolicy(max_attempts=max_attempts),
-        flow=FlowControl(max_requests_per_second),
-        read_timeout_ms=read_timeout_ms,
+        endpoint=arg["endpoint"],
+        region=arg["region"],
+        retry=RetryPolicy(max_attempts=arg["max_attempts"]),
+        flow=FlowControl(arg["max_requests_per_second"]),
+        read_timeout_ms=arg["read_timeout_ms"],
     )
     read_options = ReadOptions(
-        page_size=page_size,
-        max_page_size=max_page_size,
-        stale_after_ms=int(stale_after_hours * 3_600_000),
-        lookback_ms=int(lookback_hours * 3_600_000),
-        stale_check_ms=int(stale_check_hours * 3_600_000),
+        page_size=arg["page_size"],
+        max_page_size=arg["max_page_size"],
+        stale_after_ms=int(arg["stale_after_hours"] * 3_600_000),
+        lookback_ms=int(arg["lookback_hours"] * 3_600_000),
+        stale_check_ms=int(arg["stale_check_hours"] * 3_600_000),
         since_ms=since_ms,
         until_ms=until_ms,
     )
@@ -176,13 +166,21 @@ def opensearch_tasks(
         client,
         specs,
         read_options,
-        workers=workers,
-        processes=processes,
+        workers=arg["workers"],
+        processes=arg["processes"],
         report=report or RunReport(),
     )
     # dlt's staging dedup stays on: a load killed mid-way and resumed must not leave a task twice.
     resource.apply_hints(write_disposition=write_disposition)  # type: ignore[arg-type]
     return resource
+
+
+def _checked(**values: Any) -> dict[str, Any]:
+    """Each argument parsed and range-checked by its option, or a UsageError naming its key."""
+    return {
+        name: options.BY_NAME[name].validate(value, options.BY_NAME[name].key)
+        for name, value in values.items()
+    }
 
 
 def _check_window(since_ms: Any, until_ms: Any) -> None:
