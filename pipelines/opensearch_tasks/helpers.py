@@ -112,6 +112,13 @@ def window_start(cursor: InstanceCursor, options: ReadOptions, clock_ms: int) ->
 Step = Literal["next", "done", "capped", "deep"]
 
 
+def counts_beyond(page_number: int, page_size: int, items: int, total: int | None) -> bool:
+    """Whether a page of ``items`` entries is followed by more in the server's own count (of the
+    same response: a listing that grew or shrank between pages does not make it so). A page short
+    of ``page_size`` then means a capped page size, an empty one an answer without its list."""
+    return total is not None and (page_number - 1) * page_size + items < total
+
+
 @dataclass
 class Paging:
     """Which page to ask for next, with which size: the paging policy of one instance.
@@ -163,11 +170,8 @@ class Paging:
         return growing
 
     def counts_beyond(self, items: int) -> bool:
-        """Whether this page's own ``totalCount`` counts tasks after its ``items`` (one response:
-        a listing that grew or shrank between pages does not make it so)."""
-        return (
-            self.last_total is not None and (self.page_number - 1) * self.size + items < self.last_total
-        )
+        """Whether this page's own ``totalCount`` counts tasks after its ``items``."""
+        return counts_beyond(self.page_number, self.size, items, self.last_total)
 
     def after_page(self, items: int, shifted: bool) -> Step:
         """What follows a page of ``items`` tasks, and ``shifted``: whether the listing moved under
@@ -477,7 +481,7 @@ def _instances_of(client: OpenSearchClient, app_group: str, fn: str) -> Iterator
                 new += 1
                 yield Target(app_group, fn, str(name))
         total = total_count(body)
-        if not items and total is not None and (page_number - 1) * page_size < total:
+        if not items and counts_beyond(page_number, page_size, 0, total):
             raise OpenSearchError(
                 f"ListFunctionInstances {app_group}/{fn} page {page_number} holds no instances "
                 f"while the server counts {total}"
@@ -487,7 +491,7 @@ def _instances_of(client: OpenSearchClient, app_group: str, fn: str) -> Iterator
                 return
             page_number += 1
             continue
-        if items and total is not None and (page_number - 1) * page_size + len(items) < total:
+        if items and counts_beyond(page_number, page_size, len(items), total):
             logger.warning(
                 "ListFunctionInstances %s/%s: the server answered %d instances to a page of %d "
                 "and counts %d; reading again from page 1 by %d",
