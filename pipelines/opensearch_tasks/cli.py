@@ -259,7 +259,7 @@ def _build_models(args: argparse.Namespace, command: str) -> tuple[str, list[str
     if destination == "parquet":
         if not parquet_dir:
             raise UsageError("--destination parquet needs --parquet-dir DIR (or s3://BUCKET/PREFIX)")
-        duckdb_path = settings["duckdb_path"] or options.DEFAULT_PARQUET_MODELS_PATH
+        duckdb_path = options.models_file(destination, settings["duckdb_path"])
         paths.ensure_database_file(duckdb_path)
         if settings["duckdb_path"] is None:  # the default file's folder (data/) is made if need be
             paths.ensure_writable_dir(Path(duckdb_path).resolve().parent, "--duckdb-path")
@@ -268,7 +268,7 @@ def _build_models(args: argparse.Namespace, command: str) -> tuple[str, list[str
         if not paths.is_remote(parquet_dir):
             paths.require_folder(Path(parquet_dir) / "x", "--parquet-dir")
     else:
-        duckdb_path = paths.require_database(settings["duckdb_path"] or options.DEFAULT_DUCKDB_PATH)
+        duckdb_path = paths.require_database(options.models_file(destination, settings["duckdb_path"]))
     from opensearch_tasks.models import build_models_in_file
 
     filesystem = None
@@ -328,12 +328,7 @@ def _models_connection(args: argparse.Namespace, command: str) -> Any:
     # The models file is the loader's: with destination = "parquet" in the environment or the
     # .dlt files, that is the models file beside the Parquet data, not the DuckDB destination.
     settings = options.resolve(given(args, command), ["duckdb_path", "destination"])
-    default = (
-        options.DEFAULT_PARQUET_MODELS_PATH
-        if settings["destination"] == "parquet"
-        else options.DEFAULT_DUCKDB_PATH
-    )
-    path = paths.require_database(settings["duckdb_path"] or default)
+    path = paths.require_database(options.models_file(settings["destination"], settings["duckdb_path"]))
     from opensearch_tasks.models import connect_models
     from opensearch_tasks.storage import filesystem_for, parquet_url_of_models
 

@@ -49,6 +49,13 @@ ACCOUNT_NAME = re.compile(r"[a-z][a-z0-9_]{0,62}")
 PIPELINE_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
+def models_file(destination: str | None, duckdb_path: str | None) -> str:
+    """The DuckDB file holding the model views: the one given, else the destination's default."""
+    if duckdb_path:
+        return duckdb_path
+    return DEFAULT_PARQUET_MODELS_PATH if destination == "parquet" else DEFAULT_DUCKDB_PATH
+
+
 def _integer(value: Any) -> int:
     if isinstance(value, bool):
         raise ValueError("expected an integer")
