@@ -210,9 +210,10 @@ def dlt_defaults() -> Iterator[None]:
 
 
 def make_destination(config: RunConfig) -> Any:
+    """dlt's destination for this run; its folders and object-storage settings were checked (and
+    made) by ``check_paths`` before the run's locks were taken."""
     if config.destination == "duckdb":
         path = Path(config.duckdb_path).resolve()
-        ensure_writable_dir(path.parent, "--duckdb-path")
         from dlt.destinations.impl.duckdb.configuration import DuckDbCredentials
 
         # DuckDB takes up to 80 % of RAM by default, and a large merge takes what it is given; a
@@ -226,13 +227,8 @@ def make_destination(config: RunConfig) -> Any:
         }
         return dlt.destinations.duckdb(credentials=DuckDbCredentials(str(path), global_config=limits))
     if config.is_remote:
-        from opensearch_tasks.storage import filesystem_config
-
-        filesystem_config(str(config.parquet_dir))  # fail fast, in one line, on a missing key
         return dlt.destinations.filesystem(bucket_url=str(config.parquet_dir))
-    directory = Path(str(config.parquet_dir)).resolve()
-    ensure_writable_dir(directory, "--parquet-dir")
-    return dlt.destinations.filesystem(bucket_url=directory.as_uri())
+    return dlt.destinations.filesystem(bucket_url=Path(str(config.parquet_dir)).resolve().as_uri())
 
 
 def make_pipeline(config: RunConfig) -> dlt.Pipeline:
